@@ -1,0 +1,74 @@
+"""
+Overrides a script's module-level globals from config files and --key=value flags:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+    python train.py eval_gpt2_xl          # a bare name means config/eval_gpt2_xl.py
+
+Config files are plain Python, executed as your own code (never run one you did not write or read).
+Flags are parsed with ast.literal_eval (never eval): numbers, booleans, None, quoted strings, tuples;
+anything that is not a literal is taken as a string (--device=cpu). A key the script does not have,
+or a value of the wrong type, stops the script with one line that names the key and the closest valid ones.
+Used by train.py, sample.py, bench.py and the prepare/eval scripts:  configure(globals())
+"""
+
+import ast
+import difflib
+import os
+import sys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check(key, value, defaults, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see the globals at the top of the script"
+        fail(f"unknown config key '{key}' ({source}){hint}")
+    want = defaults[key]
+    if want is None or value is None:
+        return value  # None defaults (e.g. an optional limit) take any literal
+    if isinstance(want, float) and type(value) is int:
+        return float(value)  # --learning_rate=1 is fine for a float
+    if type(value) is not type(want):
+        fail(f"config key '{key}' wants a {type(want).__name__} like {want!r}, got {value!r} ({source})")
+    return value
+
+
+def configure(g, argv=None):
+    """Apply sys.argv[1:] (or argv) to the dict g (a script's globals()); returns the dict of overridden keys."""
+    defaults = {k: v for k, v in g.items()
+                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))
+                and not callable(v)}
+    changed = {}
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if not arg.startswith('--'):
+            path = arg if os.path.exists(arg) else os.path.join(CONFIG_DIR, arg + ('' if arg.endswith('.py') else '.py'))
+            if not os.path.isfile(path):
+                fail(f"config file '{arg}' not found (looked at {arg} and {os.path.relpath(path)}); "
+                     f"available: {', '.join(sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py')))}")
+            scope = {}
+            try:
+                exec(compile(open(path).read(), path, 'exec'), scope)
+            except Exception as e:
+                fail(f"config file {path} failed: {type(e).__name__}: {e}")
+            for k, v in scope.items():
+                if k.startswith('_') or type(v).__name__ == 'module' or callable(v):
+                    continue  # the file's own imports and helpers
+                g[k] = changed[k] = _check(k, v, defaults, path)
+        else:
+            if '=' not in arg:
+                fail(f"flag '{arg}' needs a value: --key=value")
+            key, raw = arg[2:].split('=', 1)
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word: take it as a string
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = raw  # --out_dir=123 or --init_from=gpt2 stay strings
+            g[key] = changed[key] = _check(key, value, defaults, arg)
+    return changed

@@ -1,0 +1,167 @@
+"""
+Export a checkpoint as a Hugging Face GPT-2 directory, so the rest of the ecosystem can use it:
+
+    python export.py --out_dir=out                        # reads out/ckpt.pt, writes out/hf
+    python export.py --out_dir=out --export_dir=my-gpt2
+
+    from transformers import GPT2LMHeadModel, AutoTokenizer
+    model = GPT2LMHeadModel.from_pretrained('out/hf'); tok = AutoTokenizer.from_pretrained('out/hf')
+
+The directory gets config.json, model.safetensors and, for GPT-2 BPE models, the GPT-2 tokenizer
+(vocab.json, merges.txt, tokenizer.json), built offline from tiktoken's r50k_base ranks.
+Our model is GPT-2's architecture, so the mapping is exact: Linear weights are transposed back to
+HF's Conv1D layout, the padded embedding rows are dropped, a bias=False model gets zero biases
+(a zero bias is no bias). Only softmax attention (attn_type 'SM') exists in HF GPT-2.
+The export is built in a temporary directory and renamed into place when complete.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from configurator import configure, fail
+from runtime import load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # reads out_dir/ckpt.pt
+export_dir = ''  # where the HF directory goes ('' means out_dir/hf)
+# -----------------------------------------------------------------------------
+configure(globals())
+export_dir = export_dir or os.path.join(out_dir, 'hf')
+
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def byte_to_unicode():
+    """GPT-2's vocab.json / merges.txt spell bytes as printable characters: the printable Latin-1 bytes stand for
+    themselves, the other 68 (controls, space, ...) are shifted to chr(256 + k) in byte order"""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+def bpe_merges(ranks):
+    """GPT-2's merge list from tiktoken's ranks: the token of rank r is the merge of the two pieces that byte-pair
+    encoding of its own bytes reaches just before the end, when only merges ranked below r are allowed"""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the lowest-ranked adjacent pair, as the encoder does
+            r, i = min((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+            assert r < rank, f"token {token!r} cannot be built from lower-ranked merges"
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(tuple(parts))
+    return merges
+
+
+def write_gpt2_tokenizer(path, block_size, enc):
+    """GPT-2's vocab.json and merges.txt, rebuilt from the ranks of enc (tiktoken's r50k_base), into path (which
+    already holds the model's config.json); transformers then adds its tokenizer.json and tokenizer_config.json"""
+    from transformers import AutoTokenizer
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
+    spell = byte_to_unicode()
+    word = lambda b: ''.join(spell[x] for x in b)
+    vocab = {word(t): i for t, i in ranks.items()}
+    vocab['<|endoftext|>'] = enc.eot_token
+    with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
+        f.write('#version: 0.2\n' + ''.join(f"{word(a)} {word(b)}\n" for a, b in bpe_merges(ranks)))
+    AutoTokenizer.from_pretrained(path, model_max_length=block_size).save_pretrained(path)
+
+
+# the checkpoint, and everything that would stop the export, before anything is written
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+args = ckpt['model_args']
+if args.get('attn_type', 'SM') != 'SM':
+    fail(f"attn_type '{args['attn_type']}' cannot be exported: Hugging Face GPT-2 only has softmax attention "
+         f"('SM'), so it would load this model's weights but compute something else")
+if os.path.isfile(export_dir) or (os.path.isdir(export_dir) and os.listdir(export_dir)
+                                  and not os.path.isfile(os.path.join(export_dir, 'config.json'))):
+    fail(f"export_dir {export_dir} exists and is not an earlier export; pick another --export_dir")
+try:
+    from transformers import GPT2Config, GPT2LMHeadModel
+except ImportError:
+    fail("export.py needs transformers: pip install transformers")
+model = model_from_checkpoint(ckpt).eval()
+cfg = model.config
+meta = ckpt.get('meta')
+V = cfg.vocab_size
+
+# the same network as a transformers GPT-2 (tie_word_embeddings: lm_head is wte, as in ours)
+bpe = meta is None
+hf_config = GPT2Config(vocab_size=V, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, activation_function='gelu_new', resid_pdrop=cfg.dropout,
+                       embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
+                       tie_word_embeddings=True, bos_token_id=50256 if bpe and V > 50256 else None,
+                       eos_token_id=50256 if bpe and V > 50256 else None)
+hf = GPT2LMHeadModel(hf_config).eval()
+sd = model.state_dict()
+with torch.no_grad():
+    for name, p in hf.named_parameters():  # tied lm_head.weight is not listed: it is wte
+        if name in sd:
+            w = sd[name]
+        elif name.endswith('.bias'):
+            w = torch.zeros_like(p)  # bias=False model
+        else:
+            fail(f"internal: no weight for {name} in the checkpoint")
+        if name.endswith(CONV1D):
+            w = w.t()  # nn.Linear stores (out, in), HF's Conv1D (in, out)
+        if name == 'transformer.wte.weight':
+            w = w[:V]  # our embedding is padded to a multiple of 64 rows
+        if w.shape != p.shape:
+            fail(f"internal: {name} has shape {tuple(w.shape)}, HF GPT-2 wants {tuple(p.shape)}")
+        p.copy_(w)
+
+# check before writing: both models must give the same logits
+x = torch.randint(V, (2, min(cfg.block_size, 16)))
+with torch.no_grad():
+    diff = (hf(x).logits - model(x, torch.zeros_like(x))[0]).abs().max().item()
+if diff > 1e-3:
+    fail(f"internal: the HF model's logits differ from ours by {diff:.2e}; nothing was written")
+
+notes = []
+enc = None
+if bpe and V >= 50257:
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding('r50k_base')
+    except Exception as e:
+        notes.append(f"no tokenizer written (tiktoken could not load r50k_base: {type(e).__name__}; offline, set "
+                     f"TIKTOKEN_CACHE_DIR to a cache that has it); or, on a machine with network: python -c \"from "
+                     f"transformers import AutoTokenizer; AutoTokenizer.from_pretrained('gpt2').save_pretrained("
+                     f"'{export_dir}')\"")
+elif bpe:
+    notes.append(f"no tokenizer written: vocab_size {V} is smaller than GPT-2's 50257")
+else:
+    notes.append("character-level model: Hugging Face has no tokenizer for a char vocab; char_vocab.json "
+                 "holds it (token id i is itos[i]: encode with [itos.index(c) for c in text])")
+
+tmp = f"{export_dir.rstrip(os.sep)}.tmp.{os.getpid()}"
+try:
+    hf.save_pretrained(tmp)  # config.json + model.safetensors; transformers handles the tied weights
+    if enc is not None:
+        write_gpt2_tokenizer(tmp, cfg.block_size, enc)
+    if not bpe:
+        with open(os.path.join(tmp, 'char_vocab.json'), 'w', encoding='utf-8') as f:
+            json.dump({'vocab_size': V, 'itos': meta.get('itos')}, f, ensure_ascii=False)
+except Exception as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    fail(f"could not write the export to {tmp}: {type(e).__name__}: {str(e)[:200]}")
+
+# swap the finished directory into place; an earlier export is replaced only now
+old = f"{export_dir.rstrip(os.sep)}.old.{os.getpid()}"
+if os.path.isdir(export_dir):
+    os.replace(export_dir, old)
+os.replace(tmp, export_dir)
+shutil.rmtree(old, ignore_errors=True)
+
+print(f"exported {os.path.join(out_dir, 'ckpt.pt')} (iter {ckpt.get('iter_num')}, "
+      f"{sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params, max logit diff {diff:.1e}) to {export_dir}")
+print(f"files: {', '.join(sorted(os.listdir(export_dir)))}")
+for note in notes:
+    print(note)
+print(f"load with: transformers.GPT2LMHeadModel.from_pretrained('{export_dir}')")

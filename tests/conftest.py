@@ -1,0 +1,62 @@
+"""Shared test fixtures: paths, the optional ../shared data, and offline tiktoken."""
+import os
+import string
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
+TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+sys.path.insert(0, REPO)
+
+
+@pytest.fixture
+def tiktoken_offline(monkeypatch):
+    """Make tiktoken.get_encoding('r50k_base') work offline from ../shared, or skip."""
+    if not os.path.isdir(TIKTOKEN_CACHE):
+        pytest.skip("no ../shared/tiktoken_cache: GPT-2 BPE cannot be loaded offline")
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+    return TIKTOKEN_CACHE
+
+
+def text_corpus(n_chars=200_000):
+    """Tiny Shakespeare from ../shared when there, else deterministic generated English-like text."""
+    if os.path.isfile(SHAKESPEARE):
+        return open(SHAKESPEARE).read()[:n_chars]
+    rng = np.random.default_rng(0)
+    words = [''.join(rng.choice(list(string.ascii_lowercase), size=rng.integers(1, 8))) for _ in range(300)]
+    out, n = [], 0
+    while n < n_chars:
+        line = ' '.join(rng.choice(words, size=rng.integers(3, 12))).capitalize() + '.\n'
+        out.append(line)
+        n += len(line)
+    return ''.join(out)[:n_chars]
+
+
+def write_char_dataset(path, text=None, val_frac=0.1):
+    """A char-level dataset (train.bin, val.bin, meta.json) in path, like data/shakespeare_char makes."""
+    import json
+    text = text or text_corpus()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(len(ids) * (1 - val_frac))
+    os.makedirs(path, exist_ok=True)
+    ids[:n].tofile(os.path.join(path, 'train.bin'))
+    ids[n:].tofile(os.path.join(path, 'val.bin'))
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump({'vocab_size': len(chars), 'itos': chars}, f)
+    return path
+
+
+def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
+    """Run a repo script as a user would; returns the CompletedProcess (stdout/stderr as text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p

@@ -1,0 +1,209 @@
+"""Crash safety, exact resume and bad input, each run as a user would (subprocesses)."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script, write_char_dataset
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+        '--log_interval=1', '--warmup_iters=5', '--learning_rate=1e-2', '--dropout=0.1', '--device=cpu']
+
+
+@pytest.fixture(scope='module')
+def char_data(tmp_path_factory):
+    return write_char_dataset(str(tmp_path_factory.mktemp('char')))
+
+
+@pytest.fixture(scope='module')
+def trained(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    run_script('train.py', f'--data_dir={char_data}', f'--out_dir={out}', *TINY, '--max_iters=6', '--eval_interval=6')
+    return out
+
+
+def snapshot(path):
+    """name -> sha256 of every file under path (None if path does not exist)"""
+    if not os.path.exists(path):
+        return None
+    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
+            for d, _, files in os.walk(path) for f in files}
+
+
+def weights(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)['model']
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+class Payload:
+    """unpickling this runs a command: the classic malicious checkpoint"""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_bad_input_gets_one_clear_line(char_data, trained, tmp_path):
+    # inputs that need files
+    (tmp_path / 'corrupt').mkdir()
+    data = open(trained / 'ckpt.pt', 'rb').read()
+    (tmp_path / 'corrupt' / 'ckpt.pt').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'evil').mkdir()
+    torch.save({'model': Payload(tmp_path / 'pwned'), 'model_args': {}}, tmp_path / 'evil' / 'ckpt.pt')
+    bad_ids = write_char_dataset(str(tmp_path / 'bad_ids'))
+    np.full(1000, 60000, dtype=np.uint16).tofile(os.path.join(bad_ids, 'val.bin'))
+    short = write_char_dataset(str(tmp_path / 'short'))
+    np.zeros(10, dtype=np.uint16).tofile(os.path.join(short, 'val.bin'))
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'a_file').write_text('x')
+    transformers = pytest.importorskip('transformers')
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32,
+                                                         vocab_size=100)).save_pretrained(tmp_path / 'hf')
+    new = tmp_path / 'new_out'  # must still not exist after every case
+    base = ['train.py', f'--data_dir={char_data}', f'--out_dir={new}', *TINY, '--max_iters=2']
+    resume = ['train.py', '--init_from=resume', '--max_iters=8']
+    cases = [
+        (base + ['--n_layr=2'], "unknown config key 'n_layr'"),
+        (base + ['--batch_size=1.5'], "config key 'batch_size' wants a int"),
+        (['train.py', 'config/no_such.py'], "not found"),
+        (base + ['--n_embd=30', '--n_head=4'], "must be divisible by n_head"),
+        (base + ['--batch_size=0'], "batch_size must be a positive integer"),
+        (base + ['--n_layer=0'], "n_layer must be a positive integer"),
+        (base + ['--learning_rate=-0.1'], "learning_rate must be positive"),
+        (base + [f'--init_from={tmp_path / "hf"}', '--block_size=64'], "larger than the model's 32"),
+        (base + ['--init_from=gpt3'], "unknown init_from 'gpt3'"),
+        (resume + [f'--out_dir={new}'], "no checkpoint at"),
+        (resume + [f'--out_dir={tmp_path / "corrupt"}'], "corrupt, truncated or unsafe"),
+        (resume + [f'--out_dir={tmp_path / "evil"}'], "corrupt, truncated or unsafe"),
+        (resume + [f'--out_dir={trained}', '--n_layer=3'], "conflicts with the checkpoint's n_layer=2"),
+        (base[:1] + [f'--out_dir={new}', '--dataset=nowhere'], "python data/nowhere/prepare.py"),
+        (base + [f'--data_dir={bad_ids}'], "holds token id 60000"),
+        (base + [f'--data_dir={short}'], "fewer than one block"),
+        (base + ['--dtype=float8'], "unsupported dtype 'float8'"),
+        (base + ['--device=tpu'], "device 'tpu'"),
+        (base + ['--device=cuda'], "CUDA is not available"),
+        (base + [f'--out_dir={tmp_path / "a_file" / "out"}'], "cannot be written"),
+        (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "missing.txt"}'], "does not exist"),
+        (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "empty.txt"}'], "is empty"),
+        (['sample.py', f'--out_dir={trained}', '--start=\u00e9\u20ac'], "outside this model's vocabulary"),
+        (['sample.py', f'--out_dir={new}'], "no checkpoint at"),
+        (['sample.py', '--init_from=resume', f'--out_dir={trained}', '--top_k=0'], "top_k"),
+    ]
+    before = snapshot(trained)
+    for args, message in cases:
+        p = run_script(*args, check=False)
+        err = p.stderr.strip()
+        assert p.returncode != 0, (args, p.stdout[-500:])
+        assert 'Traceback' not in p.stderr, (args, err)
+        assert len(err.splitlines()) == 1 and err.startswith('error: '), (args, err)
+        assert message in err, (args, err)
+        assert not new.exists() and snapshot(trained) == before, args
+    assert not (tmp_path / 'pwned').exists()  # the payload never ran
+
+
+def test_torchrun_world_size_must_divide_accumulation(char_data, tmp_path):
+    p = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                   f'--data_dir={char_data}', f'--out_dir={tmp_path / "o"}', *TINY, '--gradient_accumulation_steps=3',
+                   check=False)
+    assert p.returncode != 0 and not (tmp_path / 'o').exists()
+    ours = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert ours and "gradient_accumulation_steps (3) must be divisible by the number of processes (2)" in ours[0]
+    assert 'File "' + os.path.join(REPO, 'train.py') not in p.stderr  # no traceback from our script
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(char_data, tmp_path):
+    flags = [f'--data_dir={char_data}', *TINY, '--eval_interval=1000', '--max_iters=300', '--n_embd=64']
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={tmp_path / "a"}', *flags], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # let it train a little, then preempt it
+        if line.startswith('step 20 |'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 'stopped on request' in out
+    stopped_at = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num']
+    assert 20 <= stopped_at < 300
+    run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path / "a"}')
+    run_script('train.py', f'--out_dir={tmp_path / "b"}', *flags)
+    assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_sigkill_at_random_moments_loses_nothing(char_data, tmp_path):
+    """Kill a real training run many times, at random moments (checkpoint writes included), resume each time:
+    it reaches the last step with a loadable checkpoint and the very weights of an uninterrupted run."""
+    flags = [f'--data_dir={char_data}', *TINY, '--eval_interval=5', '--max_iters=200', '--n_embd=64',
+             '--batch_size=8', '--block_size=64']
+    run_script('train.py', f'--out_dir={tmp_path / "straight"}', *flags)
+    out, rng, kills = tmp_path / 'killed', random.Random(0), 0
+    for attempt in range(40):
+        ckpt = out / 'ckpt.pt'
+        args = ['--init_from=resume', f'--out_dir={out}'] if ckpt.exists() else [f'--out_dir={out}', *flags]
+        if ckpt.exists():
+            torch.load(ckpt, weights_only=True)  # the checkpoint left by the kill is complete
+        proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 4.0) if attempt < 30 else 300)
+            assert proc.returncode == 0
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 3, "the run finished before it could be killed a few times; make it longer"
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 200
+    assert_same_weights(out, tmp_path / 'straight')
+    assert not [f for f in os.listdir(out) if '.tmp.' in f]  # no temp files left behind
+    iters = [json.loads(l)['iter'] for l in open(out / 'log.jsonl')]
+    assert iters == sorted(iters) and len(iters) == len(set(iters))  # the log has each step once
+
+
+def test_ddp_resume_is_exact(char_data, tmp_path):
+    flags = [f'--data_dir={char_data}', *TINY, '--eval_interval=6', '--gradient_accumulation_steps=2']
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+    run_script(*torchrun, f'--out_dir={tmp_path / "a"}', *flags, '--max_iters=12')
+    run_script(*torchrun, f'--out_dir={tmp_path / "b"}', *flags, '--max_iters=6')
+    run_script(*torchrun, f'--out_dir={tmp_path / "b"}', '--init_from=resume', '--max_iters=12')
+    assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_non_finite_steps_are_skipped_then_stop(trained, tmp_path):
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    for f in os.listdir(trained):
+        open(out / f, 'wb').write(open(trained / f, 'rb').read())
+    # an absurd learning rate blows the weights up after one step; every later step is non-finite
+    p = run_script('train.py', '--init_from=resume', f'--out_dir={out}', '--learning_rate=1e30', '--warmup_iters=0',
+                   '--decay_lr=False', '--max_bad_steps=3', '--max_iters=50', '--eval_interval=2', check=False)
+    assert p.returncode == 3
+    assert "steps in a row had a non-finite loss or gradient norm" in p.stderr and 'Traceback' not in p.stderr
+    assert 'skipped' in p.stdout
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 6  # the last good checkpoint is kept
+    assert_same_weights(out, trained)
+
+
+def test_no_pickle_in_the_repo():
+    """checkpoints load with weights_only=True and metadata is JSON: no pickle module anywhere"""
+    for d, _, files in os.walk(REPO):
+        if '.git' in d or 'tests' in d:
+            continue
+        for f in files:
+            if f.endswith('.py'):
+                src = open(os.path.join(d, f)).read()
+                assert 'import pickle' not in src and 'weights_only=False' not in src, f
