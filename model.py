@@ -68,8 +68,9 @@ def attend(q, k, v, attn_type, dropout_p=0.0):
     if kind == 'SM':
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
     if kind == 'GK':
-        # one extra dimension turns the Gaussian kernel into softmax attention; pad to a multiple of 8 for flash
-        pad = (-(d + 1)) % 8
+        # one extra dimension turns the Gaussian kernel into softmax attention; CUDA's flash kernels want the
+        # head size padded to a multiple of 8 (zeros change no dot product), the CPU kernel is faster without
+        pad = (-(d + 1)) % 8 if q.is_cuda else 0
         qa = torch.cat([q, q.new_ones(*q.shape[:-1], 1), q.new_zeros(*q.shape[:-1], pad)], dim=-1)
         ka = torch.cat([k, -0.5 * k.pow(2).sum(-1, keepdim=True), k.new_zeros(*k.shape[:-1], pad)], dim=-1)
         va = F.pad(v, (0, pad + 1))

@@ -14,8 +14,9 @@ from configurator import fail
 from model import GPT, GPTConfig
 
 # dense bf16 peak FLOP/s by device name, so MFU is measured against the GPU actually used
-PEAK_BF16_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12,
-                   'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12}
+# (first match wins, so the PCIe / NVL H100s come before the SXM one)
+PEAK_BF16_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12,
+                   'L40S': 362e12, 'A10G': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12}
 
 
 def pick_device(device):
@@ -133,3 +134,13 @@ def print0(*args, **kwargs):
     if int(os.environ.get('RANK', 0)) == 0:
         print(*args, **kwargs)
         sys.stdout.flush()
+
+
+def draw_offsets(generator, n_tokens, block_size, n_micro, batch_size, rank=0, world_size=1):
+    """Start offsets of n_micro micro-batches of batch_size windows (block_size + 1 tokens each) in n_tokens,
+    drawn at once from generator, which is the same on every process. Returns this process's share, the
+    micro-batches rank, rank + world_size, ...: a (n_micro / world_size, batch_size) LongTensor (the first
+    n_micro % world_size ranks get one more). So the data, and the generator's next state, are the same
+    whatever the world size. Fewer micro-batches than processes (a small eval): every process gets them all."""
+    offsets = torch.randint(n_tokens - block_size - 1, (n_micro, batch_size), generator=generator)
+    return offsets[rank::world_size] if n_micro >= world_size else offsets

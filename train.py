@@ -5,6 +5,10 @@ DDP on one node with 8 GPUs (any world size; gloo on CPU, nccl on CUDA, chosen a
 $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 Two nodes (run on each, node_rank 0 and 1; add NCCL_IB_DISABLE=1 without InfiniBand):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 train.py ...
+Shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP):
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=True
+Under Slurm, srun can start the processes itself (one task per GPU; export MASTER_ADDR and MASTER_PORT):
+$ srun --ntasks-per-node=8 python train.py config/train_gpt2.py
 Every global below can be set by a config file or a --key=value flag (see configurator.py).
 """
 
@@ -15,6 +19,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -25,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig
-from runtime import (autocast, load_checkpoint, model_from_checkpoint, peak_flops, pick_device, pick_dtype,
-                     print0, save_atomic)
+from runtime import (autocast, draw_offsets, load_checkpoint, model_from_checkpoint, peak_flops, pick_device,
+                     pick_dtype, print0, save_atomic)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -36,6 +41,7 @@ log_interval = 1  # print a log line every this many steps (the only host sync i
 eval_iters = 200  # batches per split for the loss estimate
 eval_only = False  # evaluate once and exit, writing nothing
 always_save_checkpoint = True  # checkpoint at every eval, not only when val loss improves
+checkpoint_interval = 0  # also keep a copy every this many steps as ckpt_<step>.pt; 0 = never
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir), 'finetune' (finetune_from), 'gpt2*' or a local HF GPT-2 dir
 finetune_from = ''  # for init_from='finetune': run dir whose ckpt.pt to start from (default: out_dir)
 # logging
@@ -48,6 +54,7 @@ sample_tokens = 32  # new tokens per sample
 num_samples = 4
 hellaswag_interval = 0  # every this many steps, HellaSwag accuracy (GPT-2 BPE models); 0 = never
 hellaswag_limit = None  # score only the first N validation examples (None = all 10,042)
+hellaswag_dir = ''  # where hellaswag_val.jsonl is, or is downloaded to (default: data/hellaswag)
 # data
 dataset = 'openwebtext'
 data_dir = ''  # where train.bin / val.bin / meta.json live (default: data/<dataset> in this repo)
@@ -76,6 +83,7 @@ lr_decay_iters = 600000  # ~= max_iters per Chinchilla
 min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+fsdp = False  # with several processes: shard the model over them (FSDP2) instead of DDP; not taken from a resumed run
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where supported, float16 on older GPUs, float32 on cpu), or set one
 compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
@@ -87,7 +95,7 @@ ckpt = None
 if init_from == 'resume':  # continue with the run's own settings, except those given again here
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     for k, v in ckpt['config'].items():
-        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir'):
+        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir', 'fsdp'):
             globals()[k] = v
 config = {k: globals()[k] for k in config_keys}  # everything this run was configured with, for the checkpoint
 
@@ -107,13 +115,21 @@ if init_from not in ('scratch', 'resume', 'finetune') and not init_from.startswi
          f"gpt2-xl or a local Hugging Face GPT-2 directory")
 
 # -- processes and devices ---------------------------------------------------------
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:  # srun without torchrun
+    if not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
+        fail("several Slurm tasks but no MASTER_ADDR / MASTER_PORT: export them in the sbatch script before srun "
+             "(MASTER_ADDR = the first node of the job)")
+    os.environ.update(RANK=os.environ['SLURM_PROCID'], LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
+                      WORLD_SIZE=os.environ['SLURM_NTASKS'])  # MASTER_ADDR / MASTER_PORT come from the sbatch script
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (or srun)?
+if fsdp and not ddp:
+    fail("fsdp=True shards the model over several processes: launch with torchrun (or srun), or drop --fsdp")
 rank = int(os.environ.get('RANK', 0))
 local_rank = int(os.environ.get('LOCAL_RANK', 0))
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 device = pick_device(device)
 if ddp and device == 'cuda':
-    device = f'cuda:{local_rank}'
+    device = f'cuda:{local_rank % torch.cuda.device_count()}'  # srun may show each task only its own GPU
 device_type = torch.device(device).type
 if device_type == 'cuda':
     torch.cuda.set_device(device)
@@ -124,6 +140,11 @@ if gradient_accumulation_steps % world_size:
          f"processes ({world_size}); pick a multiple of {world_size}")
 accum_local = gradient_accumulation_steps // world_size  # micro-steps this process runs per step
 master = rank == 0
+if wandb_log and master and not eval_only:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package (pip install wandb), or set --wandb_log=False")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 
 # -- data: train.bin / val.bin are uint16 token ids, memmapped once ----------------------
@@ -190,13 +211,6 @@ for split, tokens in splits.items():  # bad token ids: check the start of each f
              f"; re-run the dataset's prepare.py, or the data and the model don't belong together")
 model.to(device)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # loss scaling only for float16
-if init_from == 'resume':
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if ckpt.get('scaler'):
-        scaler.load_state_dict(ckpt['scaler'])
-
 # out_dir must be writable before any compute is spent; it is only created when the first record is written
 target = os.path.abspath(out_dir)
 while not os.path.exists(target):
@@ -206,6 +220,58 @@ if not eval_only and not (os.path.isdir(target) and os.access(target, os.W_OK)):
 
 if ddp:
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
+if fsdp:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    # every process holds the full (identical) weights, loaded above; each keeps only its 1/world_size shard.
+    # Each block is a unit (its weights are gathered just for its forward / backward), then the root, which owns
+    # the embeddings, ln_f and the tied wte / lm_head weight: one parameter, sharded once, so it stays tied.
+    # Weights are gathered in `dtype` for compute; gradients are reduced and the shards kept in float32. autocast
+    # (ctx) stays on as without FSDP: it keeps softmax, layer norms and the loss in float32.
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    warnings.filterwarnings('ignore', message='FSDP2-wrapped module')  # its logits are a view; never changed in place
+raw_model = model  # the GPT itself (sharded under FSDP), whatever compile and DDP wrap around it below
+
+
+def param_names():
+    """the optimizer's parameters by name, in the order a plain optimizer state_dict numbers them 0, 1, ..."""
+    name = {p: n for n, p in raw_model.named_parameters()}
+    return [name[p] for group in optimizer.param_groups for p in group['params']]
+
+
+def fqn_optimizer_state(sd):
+    """plain optimizer state_dict (parameters numbered) -> keyed by name, as torch.distributed.checkpoint has it"""
+    names = param_names()
+    return {'state': {names[i]: v for i, v in sd['state'].items()},
+            'param_groups': [dict(g, params=[names[i] for i in g['params']]) for g in sd['param_groups']]}
+
+
+def plain_optimizer_state(sd):
+    """the inverse: checkpoints hold a plain optimizer's state_dict whether the run was sharded or not"""
+    index = {n: i for i, n in enumerate(param_names())}
+    return {'state': {index[n]: v for n, v in sd['state'].items()},
+            'param_groups': [dict(g, params=[index[n] for n in g['params']]) for g in sd['param_groups']]}
+
+
+# the optimizer is made after sharding: under FSDP it updates only this process's shards (DTensors)
+# (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 asks for the unfused one by device type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2),
+                                       'unfused' if fsdp and dtype == 'float16' else device_type)
+# loss scaling only for float16; the sharded scaler agrees on inf/NaN across processes (each sees only its shard)
+scaler = (ShardedGradScaler if fsdp else torch.amp.GradScaler)(device_type, enabled=(dtype == 'float16'))
+if init_from == 'resume':
+    if fsdp:  # every process read the whole checkpoint (above) and keeps its shard of the full optimizer state
+        set_optimizer_state_dict(raw_model, optimizer, fqn_optimizer_state(ckpt['optimizer']),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
 torch.manual_seed(seed + rank)  # dropout differs per process; the batches come from `sampler` below
 np.random.seed(seed + rank)
 random.seed(seed + rank)
@@ -223,11 +289,10 @@ if init_from == 'resume':  # exact resume: every generator where it was
         random.setstate((rng['python'][0], tuple(rng['python'][1]), None))
 ckpt = None  # free it
 
-raw_model = model
 if compile:
     print0("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
-if ddp:
+    model = torch.compile(model)  # under FSDP: the whole model, after sharding
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 ctx = autocast(device_type, dtype)
 peak = peak_flops(device)
@@ -250,8 +315,7 @@ def get_batch(split, offsets):
 
 def draw(split, n, generator):
     """n micro-batches of start offsets from one shared draw; this process's share of them"""
-    offsets = torch.randint(len(splits[split]) - block_size - 1, (n, batch_size), generator=generator)
-    return offsets[rank::world_size] if n >= world_size else offsets
+    return draw_offsets(generator, len(splits[split]), block_size, n, batch_size, rank, world_size)
 
 
 def all_mean(t):
@@ -269,13 +333,16 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         offsets = draw(split, eval_iters, torch.Generator().manual_seed(seed + 1))
-        total = torch.zeros((), device=device)
-        for offs in offsets:
-            X, Y = get_batch(split, offs)
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        # FSDP gathers weights in every forward, so all processes run as many as rank 0 (extras are not counted)
+        n = -(-eval_iters // world_size) if fsdp and eval_iters >= world_size else len(offsets)
+        for i in range(n):
+            X, Y = get_batch(split, offsets[min(i, len(offsets) - 1)])
             with ctx:
                 _, loss = model(X, Y)
-            total += loss.float()
-        out[split] = all_mean(total / len(offsets)).item()
+            if i < len(offsets):
+                total, count = total + loss.float(), count + 1
+        out[split] = (all_mean(total) / all_mean(count)).item()  # a mean over every batch, however they split
     model.train()
     return out
 
@@ -301,21 +368,30 @@ def rng_state():
             'python': [random.getstate()[0], list(random.getstate()[1])]}
 
 
-def save_checkpoint():
+def save_checkpoint(name='ckpt.pt'):
     """everything needed to continue exactly: weights, optimizer, scaler, step, every RNG, the sampler"""
     rngs = [None] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
+    if fsdp:  # gather the full weights and optimizer state onto rank 0's CPU: the same file as without FSDP
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(raw_model, options=options)
+        optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=options)
+        if master:
+            model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
+            optimizer_state = plain_optimizer_state(optimizer_state)
+    else:
+        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        save_atomic({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+        save_atomic({'model': model_state, 'optimizer': optimizer_state,
                      'scaler': scaler.state_dict() if scaler.is_enabled() else None,
                      'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                      'config': config, 'meta': meta, 'sampler': sampler.get_state(), 'rng': rngs,
-                     'bad_steps': int(bad_steps.item())}, os.path.join(out_dir, 'ckpt.pt'))
-        print(f"saved checkpoint at step {iter_num} to {out_dir}")
+                     'bad_steps': int(bad_steps.item())}, os.path.join(out_dir, name))
+        print(f"saved checkpoint at step {iter_num} to {os.path.join(out_dir, name)}")
 
 
 def log(record):
@@ -324,7 +400,7 @@ def log(record):
                                        'tokens_per_sec', 'mfu', 'time')}
     full['time'] = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+    with open(log_path, 'a') as f:
         f.write(json.dumps(full) + '\n')
     if wandb_log:
         wandb.log({k: v for k, v in full.items() if v is not None and k != 'iter'}, step=full['iter'])
@@ -355,21 +431,25 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
-if master and init_from == 'resume' and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-    # drop log records past the checkpoint: those steps are about to be run again
-    path = os.path.join(out_dir, 'log.jsonl')
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master and not eval_only and os.path.exists(log_path):
+    # a resumed run drops the records past its checkpoint (those steps run again, and the eval at the checkpoint
+    # step is redone); a new run in an old out_dir starts a new log, as it will overwrite the checkpoint
     kept = []
-    for line in open(path):
+    for line in open(log_path) if init_from == 'resume' else []:
         try:
-            if json.loads(line)['iter'] <= iter_num:
+            r = json.loads(line)
+            if r['iter'] < iter_num or (r['iter'] == iter_num and r['val_loss'] is None):
                 kept.append(line)
         except (ValueError, KeyError):
             pass  # a line cut short by a crash
-    with open(path + '.tmp', 'w') as f:
+    with open(log_path + '.tmp', 'w') as f:
         f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    os.replace(log_path + '.tmp', log_path)
+if hellaswag_interval:  # every process scores its share of the examples at each HellaSwag step
+    import hellaswag
+    hellaswag_examples = hellaswag.load_examples(limit=hellaswag_limit, data_dir=hellaswag_dir or hellaswag.data_dir)
 if wandb_log and master and not eval_only:
-    import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 print0(f"tokens per step: {tokens_per_iter:,} ({world_size} process(es) x {accum_local} micro-steps x "
@@ -386,10 +466,10 @@ while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         losses = estimate_loss()
         record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr}
-        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters) and not meta:
-            import hellaswag
-            hs = hellaswag.evaluate(raw_model, device, hellaswag.load_examples(limit=hellaswag_limit), ctx=ctx,
-                                    rank=rank, world_size=world_size)
+        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters):
+            # under FSDP every process scores every example: each forward needs all of them (to gather weights)
+            hs = hellaswag.evaluate(raw_model, device, hellaswag_examples, ctx=ctx, rank=0 if fsdp else rank,
+                                    world_size=1 if fsdp else world_size)
             record['hellaswag'] = hs['acc_norm']
         print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
                (f", hellaswag {record['hellaswag']:.4f}" if 'hellaswag' in record else ''))
@@ -401,9 +481,12 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             save_checkpoint()
         t_log = time.time()  # don't count evaluation in the step time
+    if checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num > 0 and not eval_only:
+        save_checkpoint(f'ckpt_{iter_num:06d}.pt')  # kept: resume from it by copying it to ckpt.pt
+        t_log = time.time()
     if iter_num >= max_iters:
         break
-    if sample_interval and iter_num % sample_interval == 0 and master:
+    if sample_interval and iter_num % sample_interval == 0 and (master or fsdp):  # FSDP: all generate, rank 0 prints
         encode, decode = encoder()
         x = torch.tensor([encode(sample_prompt) or [0]] * num_samples, dtype=torch.long, device=device)
         raw_model.eval()
@@ -411,15 +494,17 @@ while True:
             torch.manual_seed(seed + iter_num)  # sampling must not move the training RNG (exact resume)
             y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50)
         raw_model.train()
-        for i in range(num_samples):
+        for i in range(num_samples if master else 0):
             print(f"sample {i}: {decode(y[i].tolist())!r}")
 
-    # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP
+    # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP / FSDP
     batches = draw('train', gradient_accumulation_steps, sampler)
     X, Y = get_batch('train', batches[0])
     for micro_step in range(accum_local):
         last = micro_step == accum_local - 1
-        with (nullcontext() if last or not ddp else model.no_sync()):  # all-reduce only on the last micro-step
+        if fsdp:  # reduce-scatter only on the last micro-step; until then gradients add up unsharded
+            raw_model.set_requires_gradient_sync(last)
+        with (model.no_sync() if ddp and not fsdp and not last else nullcontext()):  # DDP: all-reduce on the last
             with ctx:
                 _, loss = model(X, Y)
                 loss = loss / accum_local
@@ -429,6 +514,8 @@ while True:
         local_loss += loss.detach().float()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    if fsdp:
+        grad_norm = grad_norm.full_tensor()  # a replicated DTensor: the norm over all shards, the same everywhere
     finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())  # loss too: a NaN loss can give NaN grads
     bad_steps = torch.where(finite, torch.zeros_like(bad_steps), bad_steps + 1)
     if scaler.is_enabled():
@@ -470,5 +557,7 @@ while True:
             print0(f"stopped on request at step {iter_num}; continue with --init_from=resume")
             break
 
+if wandb_log and master and not eval_only:
+    wandb.finish()
 if ddp:
     dist.destroy_process_group()

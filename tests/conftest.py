@@ -55,7 +55,8 @@ def write_char_dataset(path, text=None, val_frac=0.1):
 
 def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     """Run a repo script as a user would; returns the CompletedProcess (stdout/stderr as text)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    # one thread per process: tiny models run faster so, and torchrun's processes don't fight over 2 cores
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
     p = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")

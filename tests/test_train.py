@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, run_script, write_char_dataset
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4', '--gradient_accumulation_steps=1',
         '--log_interval=1', '--warmup_iters=5', '--learning_rate=1e-2', '--compile=False', '--device=cpu']
 
 
@@ -77,14 +77,14 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
 
 def test_finetune_into_another_attention_keeps_the_source(char_data, tmp_path):
     src, dst = tmp_path / 'src', tmp_path / 'dst'
-    train(char_data, src, '--max_iters=10', '--eval_interval=10')
+    train(char_data, src, '--max_iters=40', '--eval_interval=40')
     before = hashlib.sha256(open(src / 'ckpt.pt', 'rb').read()).hexdigest()
     p = train(char_data, dst, '--init_from=finetune', f'--finetune_from={src}', '--attn_type=GKpoly-8',
               '--max_iters=6', '--eval_interval=6', '--learning_rate=1e-3')
     assert hashlib.sha256(open(src / 'ckpt.pt', 'rb').read()).hexdigest() == before
     ck = load(dst)
     assert ck['model_args']['attn_type'] == 'GKpoly-8' and ck['iter_num'] == 6
-    assert step_losses(p.stdout)[1] < 3.5  # starts from trained weights, not from scratch (ln 62 = 4.1)
+    assert step_losses(p.stdout)[1] < 3.6  # starts from trained weights, not from scratch (ln 62 = 4.1)
 
 
 def test_init_from_local_hf_directory(tmp_path):

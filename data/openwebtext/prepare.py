@@ -20,7 +20,7 @@ import tiktoken
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from configurator import configure
+from configurator import configure, fail
 
 dataset = 'openwebtext'  # a Hub dataset name, or a local directory / .json(l) / .parquet / .csv file with a 'text' column
 num_proc = min(8, os.cpu_count() or 1)  # processes for tokenizing; about half your CPU cores is a good start
@@ -33,11 +33,6 @@ configure(globals())
 EOT = 50256  # <|endoftext|>: separates documents, so the model learns where one ends
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 def one_line(e):
     # library errors can span many lines; the user gets the gist in one
     lines = str(e).strip().splitlines()
@@ -47,21 +42,21 @@ def one_line(e):
 def load():
     """The 'train' split of the dataset: a local file or directory when that path exists, else the Hub."""
     if not os.path.exists(dataset) and (dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1):
-        die(f"no such file or directory: {dataset}")  # clearly a path, not a Hub name like 'owner/name'
+        fail(f"no such file or directory: {dataset}")  # clearly a path, not a Hub name like 'owner/name'
     if os.path.isfile(dataset):
         # a single file needs its format named; a directory (or a Hub name) is recognised by datasets itself
         ext = dataset.removesuffix('.gz').rsplit('.', 1)[-1].lower()
         builder = {'json': 'json', 'jsonl': 'json', 'parquet': 'parquet', 'csv': 'csv', 'txt': 'text'}.get(ext)
         if builder is None:
-            die(f"don't know how to read {dataset}: use a .json, .jsonl, .parquet, .csv or .txt file, or a directory of them")
+            fail(f"don't know how to read {dataset}: use a .json, .jsonl, .parquet, .csv or .txt file, or a directory of them")
         return load_dataset(builder, data_files=dataset, split='train')
     try:
         return load_dataset(dataset, split='train')
     except ConnectionError as e:
-        die(f"could not reach the Hugging Face Hub for '{dataset}' ({one_line(e)}); check your network, "
+        fail(f"could not reach the Hugging Face Hub for '{dataset}' ({one_line(e)}); check your network, "
             f"or pass --dataset=LOCAL_PATH (a directory or .jsonl/.parquet file with a 'text' column)")
     except FileNotFoundError as e:
-        die(f"dataset '{dataset}' is neither a local path nor found on the Hub ({one_line(e)})")
+        fail(f"dataset '{dataset}' is neither a local path nor found on the Hub ({one_line(e)})")
 
 
 def process(example):
@@ -97,11 +92,11 @@ def write(dset, path):
 
 if __name__ == '__main__':  # the tokenizing processes may re-import this file; only the parent runs the pipeline
     if num_proc < 1:
-        die(f"num_proc must be at least 1, got {num_proc}")
+        fail(f"num_proc must be at least 1, got {num_proc}")
     if not 0.0 < val_fraction < 1.0:
-        die(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if num_docs is not None and (type(num_docs) is not int or num_docs < 2):
-        die(f"num_docs must be None or a whole number >= 2 (one train and one val document), got {num_docs!r}")
+        fail(f"num_docs must be None or a whole number >= 2 (one train and one val document), got {num_docs!r}")
     dataset = os.path.expanduser(dataset)  # the shell leaves a ~ in --dataset=~/docs alone
     out = out_dir or os.path.dirname(os.path.abspath(__file__))
     os.makedirs(out, exist_ok=True)
@@ -110,22 +105,22 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     try:
         tiktoken.get_encoding('r50k_base')  # fail now, not in a worker, if the tokenizer cannot be had
     except Exception as e:
-        die(f"could not load the GPT-2 tokenizer r50k_base ({one_line(e)}); tiktoken downloads it once, "
+        fail(f"could not load the GPT-2 tokenizer r50k_base ({one_line(e)}); tiktoken downloads it once, "
             "so check your network or set TIKTOKEN_CACHE_DIR to a cache that holds it")
 
     from datasets import load_dataset  # imported here: it is slow to import, and the checks above are not
     try:
         ds = load()
     except Exception as e:  # a malformed local file, a broken download, ...
-        die(f"could not load '{dataset}': {one_line(e)}")
+        fail(f"could not load '{dataset}': {one_line(e)}")
     if 'text' not in ds.column_names:
-        die(f"'{dataset}' has no 'text' column (its columns: {', '.join(ds.column_names)})")
+        fail(f"'{dataset}' has no 'text' column (its columns: {', '.join(ds.column_names)})")
     if getattr(ds.features['text'], 'dtype', None) not in ('string', 'large_string'):
-        die(f"the 'text' column of '{dataset}' holds {ds.features['text']}, not strings")
+        fail(f"the 'text' column of '{dataset}' holds {ds.features['text']}, not strings")
     if num_docs is not None:
         ds = ds.select(range(min(num_docs, len(ds))))
     if len(ds) < 2:
-        die(f"'{dataset}' has {len(ds)} document(s); train and val need at least one each")
+        fail(f"'{dataset}' has {len(ds)} document(s); train and val need at least one each")
     print(f"{len(ds):,} documents from '{dataset}'")
 
     # the original dataset has only a train split, so hold out a random val_fraction of it (at least one document)

@@ -16,18 +16,13 @@ import numpy as np
 import tiktoken
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from configurator import configure
+from configurator import configure, fail
 
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched only if input.txt is missing
 val_fraction = 0.1  # the last 10% of the characters are held out for validation
 configure(globals())
 
 here = os.path.dirname(os.path.abspath(__file__))
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def save(path, data):
@@ -43,7 +38,7 @@ def download(path):
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read()
     except OSError as e:
-        die(f"could not download {url} ({e}); check your network, or put the text at {path}")
+        fail(f"could not download {url} ({e}); check your network, or put the text at {path}")
     save(path, data)
 
 
@@ -55,16 +50,16 @@ try:
     with open(input_path, encoding='utf-8') as f:
         text = f.read()
 except (OSError, UnicodeDecodeError) as e:
-    die(f"cannot read {input_path} as UTF-8 text: {e}")
+    fail(f"cannot read {input_path} as UTF-8 text: {e}")
 if not 0.0 < val_fraction < 1.0:
-    die(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
 print(f"length of dataset in characters: {len(text):,}")
 
 # r50k_base is GPT-2's tokenizer (same ranks and regex); the "gpt2" name needs extra files to download
 try:
     enc = tiktoken.get_encoding('r50k_base')
 except Exception as e:
-    die(f"could not load the GPT-2 tokenizer r50k_base ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+    fail(f"could not load the GPT-2 tokenizer r50k_base ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
         "tiktoken downloads it once, so check your network or set TIKTOKEN_CACHE_DIR to a cache that holds it")
 
 # split the text first, then encode each part: a token never straddles the boundary
@@ -73,7 +68,7 @@ n = int(len(text) * (1 - val_fraction))
 train_ids = np.array(enc.encode_ordinary(text[:n]), dtype=np.uint16)
 val_ids = np.array(enc.encode_ordinary(text[n:]), dtype=np.uint16)
 if len(train_ids) == 0 or len(val_ids) == 0:
-    die(f"{input_path} is too short ({len(text)} characters) to split into train and val")
+    fail(f"{input_path} is too short ({len(text)} characters) to split into train and val")
 print(f"train has {len(train_ids):,} tokens")
 print(f"val has {len(val_ids):,} tokens")
 

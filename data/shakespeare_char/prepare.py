@@ -16,18 +16,13 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from configurator import configure
+from configurator import configure, fail
 
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched only if input.txt is missing
 val_fraction = 0.1  # the last 10% of the characters are held out for validation
 configure(globals())
 
 here = os.path.dirname(os.path.abspath(__file__))
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def save(path, data):
@@ -43,7 +38,7 @@ def download(path):
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read()
     except OSError as e:
-        die(f"could not download {url} ({e}); check your network, or put the text at {path}")
+        fail(f"could not download {url} ({e}); check your network, or put the text at {path}")
     save(path, data)
 
 
@@ -55,22 +50,22 @@ try:
     with open(input_path, encoding='utf-8') as f:
         text = f.read()
 except (OSError, UnicodeDecodeError) as e:
-    die(f"cannot read {input_path} as UTF-8 text: {e}")
+    fail(f"cannot read {input_path} as UTF-8 text: {e}")
 if not 0.0 < val_fraction < 1.0:
-    die(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
 print(f"length of dataset in characters: {len(text):,}")
 
 # the vocabulary is every character that occurs, sorted, so ids are stable for the same text
 chars = sorted(set(text))
 if len(chars) > 65536:
-    die(f"{input_path} has {len(chars):,} distinct characters; uint16 ids allow at most 65,536")
+    fail(f"{input_path} has {len(chars):,} distinct characters; uint16 ids allow at most 65,536")
 print(f"vocab size: {len(chars)}")
 print(f"all the unique characters: {''.join(chars)!r}")
 stoi = {c: i for i, c in enumerate(chars)}
 
 n = int(len(text) * (1 - val_fraction))
 if n == 0 or n == len(text):
-    die(f"{input_path} is too short ({len(text)} characters) to split into train and val")
+    fail(f"{input_path} is too short ({len(text)} characters) to split into train and val")
 train_ids = np.array([stoi[c] for c in text[:n]], dtype=np.uint16)
 val_ids = np.array([stoi[c] for c in text[n:]], dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens")

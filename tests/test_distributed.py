@@ -1,0 +1,272 @@
+"""Several processes on CPU (gloo): how a step's micro-batches are split over ranks, FSDP against one process,
+checkpoints that move between FSDP and one process, a Slurm-style launch, and wandb (offline, or not installed)."""
+import glob
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, write_char_dataset
+from runtime import draw_offsets
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
+        '--log_interval=1', '--warmup_iters=5', '--learning_rate=1e-2', '--compile=False', '--device=cpu',
+        '--gradient_accumulation_steps=4', '--eval_interval=4']
+
+# runs train.py as torchrun would, but every gather of token windows from a .bin memmap is written down first:
+# what each process actually read, seen from outside, with no debug flag in train.py
+RECORD = '''
+import os, runpy, sys
+import numpy as np
+
+class Recorded(np.memmap):
+    def __getitem__(self, index):
+        if isinstance(index, np.ndarray) and index.ndim == 2:  # get_batch: one row of token positions per window
+            path = os.path.join(os.environ['READS_DIR'], 'rank%s.txt' % os.environ.get('RANK', '0'))
+            with open(path, 'a') as f:
+                f.write(' '.join([os.path.basename(self.filename)] + [str(i) for i in index[:, 0]]) + '\\n')
+        return super().__getitem__(index)
+
+np.memmap = Recorded
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as if train.py had been run itself
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def step_losses(stdout):
+    return {int(l.split()[1]): float(l.split('| loss ')[1].split()[0]) for l in stdout.splitlines()
+            if l.startswith('step ') and '| loss' in l}
+
+
+def eval_losses(stdout):
+    return {int(l.split()[1][:-1]): float(l.split('val loss ')[1].split(',')[0]) for l in stdout.splitlines()
+            if l.startswith('step ') and 'val loss' in l}
+
+
+def load(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def train(data, out, *flags, torchrun=0, script=(), env=None, check=True):
+    args = [*script, 'train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, *flags]
+    if torchrun:
+        args = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}', *args]
+    return run_script(*args, env=env, check=check)
+
+
+def reads(folder, rank=0):
+    """[(file, window start offsets)] in the order that process read them"""
+    return [(l.split()[0], tuple(map(int, l.split()[1:]))) for l in open(os.path.join(folder, f'rank{rank}.txt'))]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """one process for 12 steps, and FSDP over 2 processes for the first 4, both recording what they read"""
+    base = tmp_path_factory.mktemp('dist')
+    data = write_char_dataset(str(base / 'char'))
+    (base / 'record.py').write_text(RECORD)
+    for d in ('reads_one', 'reads_fsdp'):
+        os.makedirs(base / d)
+    one = train(data, base / 'one', '--max_iters=12', script=[str(base / 'record.py')],
+                env={'READS_DIR': str(base / 'reads_one')})
+    fsdp = train(data, base / 'fsdp', '--max_iters=4', '--fsdp=True', torchrun=2, script=[str(base / 'record.py')],
+                 env={'READS_DIR': str(base / 'reads_fsdp')})
+    return {'base': base, 'data': data, 'one': one, 'fsdp': fsdp}
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 4])
+def test_ranks_split_one_draw(world_size):
+    """rank r takes micro-batches r, r + W, ...: disjoint, and in order together exactly the one-process draw"""
+    n_tokens, block, batch = 1000, 32, 3
+    for n_micro in (4, 8, 40):
+        gen = torch.Generator().manual_seed(0)
+        full = draw_offsets(gen, n_tokens, block, n_micro, batch)
+        parts, states = [], []
+        for r in range(world_size):
+            g = torch.Generator().manual_seed(0)
+            parts.append(draw_offsets(g, n_tokens, block, n_micro, batch, r, world_size))
+            states.append(g.get_state())
+        assert all(p.shape == (n_micro // world_size, batch) and p.dtype == torch.long for p in parts)
+        assert torch.equal(torch.stack([parts[i % world_size][i // world_size] for i in range(n_micro)]), full)
+        rows = [tuple(row.tolist()) for p in parts for row in p]
+        assert len(set(rows)) == n_micro  # no micro-batch on two ranks
+        assert all(torch.equal(s, gen.get_state()) for s in states)  # the next step's draw is the same everywhere
+        assert 0 <= int(full.min()) and int(full.max()) < n_tokens - block - 1
+
+
+def test_fewer_micro_batches_than_ranks_go_to_every_rank():
+    full = draw_offsets(torch.Generator().manual_seed(1), 500, 8, 2, 5)
+    for r in range(4):
+        assert torch.equal(draw_offsets(torch.Generator().manual_seed(1), 500, 8, 2, 5, r, 4), full)
+
+
+def test_two_torchrun_ranks_read_disjoint_halves(runs):
+    """what the 2 FSDP processes read from train.bin / val.bin, compared with one process's reads"""
+    base = runs['base']
+    one, r0, r1 = reads(base / 'reads_one'), reads(base / 'reads_fsdp', 0), reads(base / 'reads_fsdp', 1)
+    # eval at 0 (4 train + 4 val micro-batches), 4 steps of 4, eval at 4: rank r reads items r, r + 2, ... of each
+    expected, pos = ([], []), 0
+    for n in [4, 4] + [4] * 4 + [4, 4]:
+        for r in (0, 1):
+            expected[r].extend(one[pos:pos + n][r::2])
+        pos += n
+    assert r0 == expected[0] and r1 == expected[1]
+    assert not set(r0) & set(r1)
+    assert sorted(r0 + r1) == sorted(one[:pos]) and len(r0) == len(r1) == pos // 2
+    assert {f for f, _ in r0} == {'train.bin', 'val.bin'}
+
+
+def test_fsdp_trains_like_one_process(runs):
+    l1, l2 = step_losses(runs['one'].stdout), step_losses(runs['fsdp'].stdout)
+    assert len(l2) == 4
+    for k in l2:
+        assert abs(l1[k] - l2[k]) < 1e-4, (k, l1[k], l2[k])
+    e1, e2 = eval_losses(runs['one'].stdout), eval_losses(runs['fsdp'].stdout)
+    assert abs(e1[4] - e2[4]) < 1e-4 and e2[4] < e2[0] - 0.3  # it learns
+    assert '2 process(es) x 2 micro-steps' in runs['fsdp'].stdout
+    # the checkpoint is a plain one: full weights (tied ones share a tensor), a plain optimizer state_dict
+    a, b = load(runs['base'] / 'one'), load(runs['base'] / 'fsdp')
+    assert list(a['model']) == list(b['model']) and a.keys() == b.keys()
+    assert all(a['model'][k].shape == b['model'][k].shape for k in a['model'])
+    assert b['model']['lm_head.weight'].data_ptr() == b['model']['transformer.wte.weight'].data_ptr()
+    assert list(b['optimizer']['state']) == list(range(len(a['optimizer']['state'])))
+    strip = lambda groups: [{k: v for k, v in g.items() if k != 'lr'} for g in groups]
+    assert strip(a['optimizer']['param_groups']) == strip(b['optimizer']['param_groups'])
+    for i, s in a['optimizer']['state'].items():
+        shapes = lambda state: {k: (v.shape, v.dtype) for k, v in state.items()}
+        assert shapes(s) == shapes(b['optimizer']['state'][i])
+    assert len(b['rng']) == 2 and b['iter_num'] == 4
+
+
+def test_checkpoints_move_between_fsdp_and_one_process(runs, tmp_path):
+    """FSDP 0-4, then one process resumes 4-8, then FSDP resumes 8-12: the same run as one process 0-12"""
+    out = tmp_path / 'chain'
+    shutil.copytree(runs['base'] / 'fsdp', out)
+    second = run_script('train.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=8')
+    third = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                       '--init_from=resume', f'--out_dir={out}', '--max_iters=12', '--fsdp=True')
+    chained = {**step_losses(runs['fsdp'].stdout), **step_losses(second.stdout), **step_losses(third.stdout)}
+    straight = step_losses(runs['one'].stdout)
+    assert sorted(chained) == sorted(straight) == list(range(1, 13))
+    for k in straight:
+        assert abs(chained[k] - straight[k]) < 1e-4, (k, chained[k], straight[k])
+    a, b = load(runs['base'] / 'one'), load(out)
+    assert b['iter_num'] == 12
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], atol=2e-5, rtol=1e-4)
+    # sample.py reads the FSDP-written checkpoint in one process
+    p = run_script('sample.py', f'--out_dir={out}', '--num_samples=2', '--max_new_tokens=20', '--device=cpu',
+                   '--start=The ')
+    samples = p.stdout.split('---------------\n')[:-1]
+    assert len(samples) == 2 and all(s.startswith('The ') and len(s) == 4 + 20 + 1 for s in samples)
+
+
+def test_fsdp_skips_non_finite_steps(runs, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(runs['base'] / 'fsdp', out)
+    p = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                   '--init_from=resume', f'--out_dir={out}', '--fsdp=True', '--learning_rate=1e30',
+                   '--warmup_iters=0', '--decay_lr=False', '--max_bad_steps=2', '--max_iters=50', check=False)
+    assert p.returncode != 0
+    assert 'skipped 2' in p.stdout and "steps in a row had a non-finite loss" in p.stderr
+    a, b = load(runs['base'] / 'fsdp'), load(out)
+    assert b['iter_num'] == 4 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_launch_mistakes_are_one_line(runs, tmp_path):
+    cases = [(['--fsdp=True'], {}, 'error: fsdp=True shards the model over several processes'),
+             ([], {'SLURM_NTASKS': '2', 'SLURM_PROCID': '0'}, 'no MASTER_ADDR / MASTER_PORT')]
+    for flags, env, message in cases:
+        p = train(runs['data'], tmp_path / 'o', *flags, env=env, check=False)
+        assert p.returncode == 2 and 'Traceback' not in p.stderr
+        assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / 'o').exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_slurm_tasks_without_torchrun_equal_torchrun(runs, tmp_path):
+    """two plain `python train.py` processes with srun's variables do what torchrun did, bit for bit"""
+    port, procs = free_port(), []
+    base_env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    for r in range(2):
+        env = dict(base_env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS='2', MASTER_ADDR='127.0.0.1',
+                   MASTER_PORT=str(port), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+        with open(tmp_path / f'out{r}', 'w') as out, open(tmp_path / f'err{r}', 'w') as err:
+            procs.append(subprocess.Popen([sys.executable, 'train.py', f'--data_dir={runs["data"]}',
+                                           f'--out_dir={tmp_path / "slurm"}', *TINY, '--max_iters=4', '--fsdp=True'],
+                                          cwd=REPO, env=env, stdout=out, stderr=err))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], (tmp_path / 'err0').read_text()[-2000:]
+    stdout = (tmp_path / 'out0').read_text()
+    assert '2 process(es) x 2 micro-steps' in stdout and not step_losses((tmp_path / 'out1').read_text())
+    assert step_losses(stdout) == step_losses(runs['fsdp'].stdout)
+    a, b = load(runs['base'] / 'fsdp'), load(tmp_path / 'slurm')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def wandb_history(path):
+    """step -> every metric logged at it, read back from an offline run's .wandb file (a LevelDB-style log of
+    protobuf records: 7-byte file header, 32 KiB blocks, each chunk with a 7-byte header of crc, length, type)"""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, chunks, rows = open(path, 'rb').read(), 7, b'', {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack('<HB', data[pos + 4:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b''
+            if record.WhichOneof('record_type') == 'history':
+                row = {i.key or '/'.join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                rows.setdefault(row['_step'], {}).update(row)
+    return rows
+
+
+def test_wandb_offline_run_has_the_metrics(runs, tmp_path):
+    pytest.importorskip('wandb')
+    env = {'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true', 'WANDB_DIR': str(tmp_path),
+           'WANDB_CONFIG_DIR': str(tmp_path / 'config'), 'WANDB_CACHE_DIR': str(tmp_path / 'cache'),
+           'WANDB_DATA_DIR': str(tmp_path / 'data')}
+    train(runs['data'], tmp_path / 'out', '--max_iters=4', '--eval_interval=2', '--wandb_log=True', env=env)
+    found = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    assert len(found) == 1
+    history = wandb_history(found[0])
+    records = [json.loads(l) for l in open(tmp_path / 'out' / 'log.jsonl')]
+    assert sorted(history) == sorted({r['iter'] for r in records}) == [0, 1, 2, 3, 4]
+    for r in records:
+        for k in ('loss', 'train_loss', 'val_loss', 'grad_norm', 'tokens_per_sec'):
+            if r[k] is not None:
+                assert history[r['iter']][k] == pytest.approx(r[k]), (r['iter'], k)
+        assert 'lr' in history[r['iter']]
+
+
+def test_runs_without_wandb_installed(runs, tmp_path):
+    fake = tmp_path / 'fake'
+    fake.mkdir()
+    (fake / 'wandb.py').write_text("raise ImportError('No module named wandb (simulated)')\n")
+    env = {'PYTHONPATH': os.pathsep.join([str(fake)] + [p for p in [os.environ.get('PYTHONPATH')] if p])}
+    train(runs['data'], tmp_path / 'ok', '--max_iters=2', '--eval_interval=2', env=env)
+    assert (tmp_path / 'ok' / 'ckpt.pt').exists()
+    p = train(runs['data'], tmp_path / 'no', '--max_iters=2', '--wandb_log=True', env=env, check=False)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert 'wandb_log=True needs the wandb package' in p.stderr and not (tmp_path / 'no').exists()
