@@ -175,7 +175,8 @@ def table(rows):
 print(f"device {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else os.cpu_count()} "
       f"{'' if device_type == 'cuda' else 'cpus, ' + str(torch.get_num_threads()) + ' threads'}), dtype {dtype}, "
       f"compile {compile}, torch {torch.__version__}")
-print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, batch {batch_size}, vocab {vocab_size}")
+print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, vocab {vocab_size}" +
+      (f", batch {batch_size}" if mode == 'train' else f", batch 1, prompt {prompt_tokens} tokens"))
 if mode == 'train':
     table([bench_train(a) for a in attn_type.split(',')])
 elif mode == 'sample':

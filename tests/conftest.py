@@ -14,6 +14,16 @@ TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 sys.path.insert(0, REPO)
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _one_thread():
+    """Tiny models in this process: extra threads only add contention (several times slower on a busy 2-core box)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiktoken_offline(monkeypatch):
     """Make tiktoken.get_encoding('r50k_base') work offline from ../shared, or skip."""

@@ -10,15 +10,6 @@ ALL_TYPES = ['SM', 'GK', 'GKpoly-1', 'GKpoly-3', 'GKpoly-8',
              'PA_relu', 'PA_gelu', 'PA_sigmoid', 'PA_silu', 'PA_softplus']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models: threads only add contention (several times slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def qkv(B, nh, Tq, Tk, d, seed, std=1.0, dtype=torch.float32, grad=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, nh, Tq, d, generator=g, dtype=dtype) * std

@@ -11,15 +11,6 @@ VOCAB = 100  # padded to 128 inside the model
 ATTN_TYPES = ['SM', 'GK', 'GKpoly-4', 'PA_relu', 'PA_gelu']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models: threads only add contention (several times slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_gpt(attn_type='SM', seed=0, block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, **kw):
     """A tiny GPT with O(1) attention scores and O(1) logits, so greedy decoding does not collapse at once."""
     torch.manual_seed(seed)
