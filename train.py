@@ -560,4 +560,8 @@ while True:
 if wandb_log and master and not eval_only:
     wandb.finish()
 if ddp:
+    # leave together, and drop DDP (its gloo work holds tensors) before the group: a process torn down while
+    # another still saves, or with gloo threads alive at interpreter exit, can abort in gloo's destructors
+    dist.barrier()
+    del model
     dist.destroy_process_group()
