@@ -1,4 +1,4 @@
-# a baby GPT on Tiny Shakespeare characters: ~10M parameters, ~1.47 val loss after a few minutes on one GPU
+# a baby GPT on Tiny Shakespeare characters: ~10M parameters (nanoGPT reports ~1.47 val loss in a few GPU minutes)
 # first: python data/shakespeare_char/prepare.py
 # CPU recipe (README): add --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000
 #                          --lr_decay_iters=2000 --eval_iters=20 --dropout=0.0
