@@ -30,7 +30,7 @@ import torch
 
 from configurator import configure, fail
 from model import attend, parse_attn_type
-from runtime import load_checkpoint, model_from_checkpoint
+from runtime import draw_offsets, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 attn_types = 'SM,GK,GKpoly-8,PA_relu'  # comma-separated, one training run each
@@ -114,10 +114,7 @@ def is_complete(attn_type):
 
 
 def train(attn_type):
-    flags = run_flags(attn_type)
-    for f in ('log.jsonl', 'ckpt.pt'):  # train.py appends to the log: start both afresh
-        if os.path.exists(os.path.join(flags['out_dir'], f)):
-            os.remove(os.path.join(flags['out_dir'], f))
+    flags = run_flags(attn_type)  # a scratch run starts a fresh log.jsonl and overwrites ckpt.pt itself
     cmd = [sys.executable, os.path.join(REPO, 'train.py'), os.path.join(REPO, 'config', 'train_shakespeare_char.py'),
            *(f'--{k}={v}' for k, v in flags.items())]
     print(f"training {attn_type}: {shlex.join(cmd[1:])}", flush=True)
@@ -152,8 +149,8 @@ def val_batches(cfg):
     """the val batches of train.py's estimate_loss (same generator, same draw), so GK's loss matches its log"""
     val = np.memmap(os.path.join(data_path, 'val.bin'), dtype=np.uint16, mode='r')
     T = cfg['block_size']
-    offsets = torch.randint(len(val) - T - 1, (cfg['eval_iters'], cfg['batch_size']),
-                            generator=torch.Generator().manual_seed(cfg['seed'] + 1))
+    offsets = draw_offsets(torch.Generator().manual_seed(cfg['seed'] + 1), len(val), T, cfg['eval_iters'],
+                           cfg['batch_size'])
     for offs in offsets:
         t = torch.from_numpy(val[offs.numpy()[:, None] + np.arange(T + 1)].astype(np.int64))
         yield t[:, :-1], t[:, 1:]

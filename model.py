@@ -292,13 +292,14 @@ class GPT(nn.Module):
                 sd[k][:v.shape[0]].copy_(v)  # [:rows] leaves the vocab padding of wte / lm_head untouched
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; decay only matrices (Linear and embedding weights), never biases or LayerNorm gains."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
+        """AdamW; decay only matrices (Linear and embedding weights), never biases or LayerNorm gains.
+        fused=None: fused where the device has it."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         # fused AdamW is one kernel for all params on cuda and cpu (and skips a step on device via found_inf)
-        fused = device_type in ('cuda', 'cpu')
+        fused = device_type in ('cuda', 'cpu') if fused is None else fused
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):

@@ -120,7 +120,7 @@ if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:  # s
         fail("several Slurm tasks but no MASTER_ADDR / MASTER_PORT: export them in the sbatch script before srun "
              "(MASTER_ADDR = the first node of the job)")
     os.environ.update(RANK=os.environ['SLURM_PROCID'], LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
-                      WORLD_SIZE=os.environ['SLURM_NTASKS'])  # MASTER_ADDR / MASTER_PORT come from the sbatch script
+                      WORLD_SIZE=os.environ['SLURM_NTASKS'])
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (or srun)?
 if fsdp and not ddp:
     fail("fsdp=True shards the model over several processes: launch with torchrun (or srun), or drop --fsdp")
@@ -259,9 +259,9 @@ def plain_optimizer_state(sd):
 
 
 # the optimizer is made after sharding: under FSDP it updates only this process's shards (DTensors)
-# (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 asks for the unfused one by device type)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2),
-                                       'unfused' if fsdp and dtype == 'float16' else device_type)
+# (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 uses the unfused one)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                       fused=False if fsdp and dtype == 'float16' else None)
 # loss scaling only for float16; the sharded scaler agrees on inf/NaN across processes (each sees only its shard)
 scaler = (ShardedGradScaler if fsdp else torch.amp.GradScaler)(device_type, enabled=(dtype == 'float16'))
 if init_from == 'resume':
@@ -436,13 +436,15 @@ if master and not eval_only and os.path.exists(log_path):
     # a resumed run drops the records past its checkpoint (those steps run again, and the eval at the checkpoint
     # step is redone); a new run in an old out_dir starts a new log, as it will overwrite the checkpoint
     kept = []
-    for line in open(log_path) if init_from == 'resume' else []:
-        try:
-            r = json.loads(line)
-            if r['iter'] < iter_num or (r['iter'] == iter_num and r['val_loss'] is None):
-                kept.append(line)
-        except (ValueError, KeyError):
-            pass  # a line cut short by a crash
+    if init_from == 'resume':
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    if r['iter'] < iter_num or (r['iter'] == iter_num and r['val_loss'] is None):
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    pass  # a line cut short by a crash
     with open(log_path + '.tmp', 'w') as f:
         f.writelines(kept)
     os.replace(log_path + '.tmp', log_path)

@@ -25,6 +25,9 @@ RECORD = '''
 import os, runpy, sys
 import numpy as np
 
+# a fresh record per launch (run_script may relaunch a torchrun that aborted in gloo's teardown)
+open(os.path.join(os.environ['READS_DIR'], 'rank%s.txt' % os.environ.get('RANK', '0')), 'w').close()
+
 class Recorded(np.memmap):
     def __getitem__(self, index):
         if isinstance(index, np.ndarray) and index.ndim == 2:  # get_batch: one row of token positions per window
