@@ -1,13 +1,23 @@
 """
-Benchmarks, each one command that prints a small table:
-$ python bench.py                                  # training step: ms/iter, tokens/s, MFU, peak memory
-$ python bench.py --attn_type=SM,GK,GKpoly-8,PA_relu --n_layer=6 --n_embd=384 --n_head=6 --block_size=256
-$ python bench.py --profile=True                   # also writes a PyTorch profiler trace (chrome://tracing)
-$ python bench.py --mode=sample                    # KV-cache vs full-recompute generation
+Benchmarks: one command per figure, each printing a small table (results: docs/BENCHMARKS.md).
+$ python bench.py                         # GPT-2 124M training step: ms/iter, tokens/s, MFU, peak memory
+$ python bench.py --attn_type=SM,GK,GKpoly-8,PA_relu --n_layer=6 --n_head=6 --n_embd=384 --block_size=256
+$ python bench.py --n_layer=48 --n_head=25 --n_embd=1600 --bias=True --batch_size=1   # gpt2-xl fine-tuning memory
+$ python bench.py --activation_checkpointing=True --compile_mode=max-autotune          # try a lever
+$ python bench.py --profile=True          # also a PyTorch profiler trace in bench_trace/
+$ python bench.py --mode=sample           # generation with vs without the KV cache
+$ python bench.py --mode=data             # tokenising with 1 process vs a pool; batches from the memmap
+$ python bench.py --mode=eval             # val-loss tokens/s; HellaSwag examples/s one at a time vs batched
 """
 
+import json
 import os
+import random
+import re
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -18,7 +28,7 @@ from model import GPT, GPTConfig
 from runtime import autocast, peak_flops, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
-mode = 'train'  # 'train': optimizer steps; 'sample': generation with and without the KV cache
+mode = 'train'  # 'train', 'sample', 'data' or 'eval' (see above)
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -27,28 +37,40 @@ n_embd = 768
 vocab_size = 50257
 bias = False
 attn_type = 'SM'  # one attention, or several separated by commas for one row each
+activation_checkpointing = False  # recompute each block in backward (less memory, more compute)
 real_data = False  # True: batches from data/<dataset>/train.bin; False: random tokens
 dataset = 'openwebtext'
 warmup_iters = 5  # untimed steps first (compilation, allocator warm-up)
-iters = 20  # timed steps
+iters = 20  # timed steps (train), timed batches (eval, data)
 max_new_tokens = 500  # sample mode: tokens generated
 prompt_tokens = 16  # sample mode: prompt length
+text_file = ''  # data mode: documents are cut from this text file; '' = generated text
+data_chars = 20_000_000  # data mode: characters of text to tokenise
+num_proc = 2  # data mode: processes in the tokenising pool, compared with 1
+hellaswag_limit = 200  # eval mode: HellaSwag validation examples scored (downloaded once); 0 = skip HellaSwag
+hellaswag_dir = ''  # eval mode: where hellaswag_val.jsonl is (default: data/hellaswag)
 seed = 1337
 device = 'auto'
 dtype = 'auto'
 compile = None  # None = on for CUDA, off elsewhere
+compile_mode = 'default'  # torch.compile mode: 'default', 'max-autotune', 'max-autotune-no-cudagraphs', ...
 profile = False  # write a torch.profiler trace of the timed steps to bench_trace/
 # -----------------------------------------------------------------------------
 configure(globals())
+if mode not in ('train', 'sample', 'data', 'eval'):
+    fail(f"unknown mode '{mode}'; use train, sample, data or eval")
+for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit'):
+    if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
+        fail(f"{name} must be a {'non-negative' if name == 'hellaswag_limit' else 'positive'} integer, got {globals()[name]!r}")
+if text_file and not os.path.isfile(text_file):
+    fail(f"no such text file: {text_file}")
 device = pick_device(device)
 device_type = torch.device(device).type
 dtype = pick_dtype(dtype, device_type)
 compile = (device_type == 'cuda') if compile is None else compile
 ctx = autocast(device_type, dtype)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 peak = peak_flops(device)
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def sync():
@@ -58,11 +80,27 @@ def sync():
         torch.mps.synchronize()
 
 
+def reset_peak_memory():
+    """start a new peak: CUDA's allocator counter, or on Linux the process's resident high-water mark"""
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM, so each row reports its own peak, not the highest so far
+        except OSError:
+            pass
+
+
 def peak_memory_gb():
-    """peak device memory (cuda) or peak resident memory of this process (cpu, mps)"""
+    """peak device memory (cuda) or peak resident memory of this process (cpu, mps) since reset_peak_memory()"""
     if device_type == 'cuda':
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    try:
+        with open('/proc/self/status') as f:
+            return int(re.search(r'VmHWM:\s*(\d+) kB', f.read()).group(1)) / 1e6
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux; the peak of the whole run
 
 
 def make_model(attn):
@@ -72,14 +110,26 @@ def make_model(attn):
                         n_embd=n_embd, bias=bias, attn_type=attn)
     except ValueError as e:
         fail(str(e))
-    return GPT(cfg).to(device)
+    model = GPT(cfg).to(device)
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+def compiled(model):
+    return torch.compile(model, mode=compile_mode) if compile else model
+
+
+def to_device(t):
+    if device_type == 'cuda':  # pinned memory: the copy runs async while the GPU computes
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def batches():
     """endless (x, y) batches: random tokens, or real ones from the memmapped train.bin"""
     g = torch.Generator().manual_seed(seed)
     if real_data:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'train.bin')
+        path = os.path.join(REPO, 'data', dataset, 'train.bin')
         if not os.path.isfile(path):
             fail(f"no {path}; run python data/{dataset}/prepare.py or use --real_data=False")
         data = np.memmap(path, dtype=np.uint16, mode='r')
@@ -89,17 +139,14 @@ def batches():
             t = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
         else:
             t = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g)
-        if device_type == 'cuda':
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
+        t = to_device(t)
         yield t[:, :-1], t[:, 1:]
 
 
 def bench_train(attn):
     model = make_model(attn)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    step_model = torch.compile(model) if compile else model
+    step_model = compiled(model)
     data = batches()
     X, Y = next(data)
 
@@ -117,8 +164,7 @@ def bench_train(attn):
     for _ in range(warmup_iters):
         step()
     sync()
-    if device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     prof = None
     if profile:
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
@@ -161,25 +207,142 @@ def bench_sample(attn):
     return rows
 
 
+def generated_text(n_chars):
+    """English-like filler: sentences of made-up words (a stand-in when no text_file is given)"""
+    rng = random.Random(seed)
+    syllables = ['ka', 'to', 'ri', 'en', 'mo', 'sa', 'lu', 'ne', 'di', 'por', 'the', 'and', 'ing', 'ver', 'al', 'st']
+    words = [''.join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)]
+    out, n = [], 0
+    while n < n_chars:
+        s = ' '.join(rng.choices(words, k=rng.randint(4, 20))).capitalize() + rng.choice(['. ', '? ', '.\n'])
+        out.append(s)
+        n += len(s)
+    return ''.join(out)
+
+
+def bench_tokenize(tmp):
+    """data/fineweb_edu/prepare.py over the same local documents with 1 process and with a pool of num_proc;
+    the tokens/s are its own report, and both runs must write identical bins"""
+    text = open(text_file, encoding='utf-8').read() if text_file else generated_text(1_000_000)
+    docs, n = os.path.join(tmp, 'docs.jsonl'), 0
+    with open(docs, 'w') as f:  # ~2,000-character documents, the text repeated until there are data_chars
+        while n < data_chars:
+            for i in range(0, len(text), 2000):
+                f.write(json.dumps({'text': text[i:i + 2000]}) + '\n')
+                n += len(text[i:i + 2000])
+                if n >= data_chars:
+                    break
+    rows = []
+    for procs in sorted({1, num_proc}):
+        out = os.path.join(tmp, f'proc{procs}')
+        p = subprocess.run([sys.executable, os.path.join(REPO, 'data', 'fineweb_edu', 'prepare.py'),
+                            f'--dataset={docs}', f'--out_dir={out}', f'--num_proc={procs}', '--val_docs=10'],
+                           capture_output=True, text=True)
+        m = re.search(r'this run: ([\d,]+) tokens in [\d.]+s \(([\d,]+) tokens/s', p.stdout)
+        if p.returncode or not m:
+            fail(f"prepare.py failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+        rows.append({'tokenise': 'prepare.py', 'processes': procs, 'tokens': int(m.group(1).replace(',', '')),
+                     'tokens/s': float(m.group(2).replace(',', ''))})
+    if len(rows) > 1:
+        same = all(open(os.path.join(tmp, f'proc1/{b}'), 'rb').read() ==
+                   open(os.path.join(tmp, f'proc{num_proc}/{b}'), 'rb').read() for b in ('train.bin', 'val.bin'))
+        rows[1].update({'speedup': rows[1]['tokens/s'] / rows[0]['tokens/s'], 'same bins': same})
+    return rows
+
+
+def bench_batches(tmp):
+    """train.py's batch loading (one gather from a memmap opened once) vs reopening the memmap for every batch"""
+    path = os.path.join(tmp, 'proc1', 'train.bin')
+    rows = []
+    for reopen in (False, True):
+        data = np.memmap(path, dtype=np.uint16, mode='r')
+        g = torch.Generator().manual_seed(seed)
+        n_batches = 50 * iters
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            if reopen:
+                data = np.memmap(path, dtype=np.uint16, mode='r')
+            ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).numpy()
+            t = to_device(torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)))
+            x, y = t[:, :-1], t[:, 1:]
+        sync()
+        dt = (time.perf_counter() - t0) / n_batches
+        rows.append({'batches': f"{batch_size} x {block_size}", 'memmap': 'reopened per batch' if reopen else 'opened once',
+                     'us/batch': dt * 1e6, 'tokens/s': batch_size * block_size / dt})
+    return rows
+
+
+def bench_eval(attn):
+    """estimate_loss's work: forward passes under no_grad on batch_size x block_size, timed"""
+    model = make_model(attn).eval()
+    step_model = compiled(model)
+    data = batches()
+    with torch.no_grad():
+        for i in range(warmup_iters + iters):
+            if i == warmup_iters:
+                sync()
+                t0 = time.perf_counter()
+            X, Y = next(data)
+            with ctx:
+                _, loss = step_model(X, Y)
+        sync()
+    dt = (time.perf_counter() - t0) / iters
+    return {'eval': f'val loss ({attn})', 'batch': batch_size, 'items/s': batch_size * block_size / dt,
+            'unit': 'tokens', 'result': f"loss {loss.item():.4f}"}
+
+
+def bench_hellaswag():
+    """hellaswag.evaluate one example per forward vs hellaswag.batch_size examples per forward; same accuracy"""
+    import hellaswag
+    try:
+        hellaswag.encoder()
+    except Exception as e:
+        fail(f"could not load GPT-2's BPE (tiktoken r50k_base; offline, set TIKTOKEN_CACHE_DIR): {type(e).__name__}")
+    if vocab_size < hellaswag.encoder().n_vocab:
+        fail(f"HellaSwag needs the GPT-2 vocabulary: use --vocab_size=50257 (got {vocab_size})")
+    examples = hellaswag.load_examples(hellaswag_limit, hellaswag_dir or hellaswag.data_dir)
+    model = make_model(attn_type.split(',')[0])
+    rows = []
+    for bs in (1, hellaswag.batch_size):
+        hellaswag.evaluate(model, device, examples[:bs], bs, ctx)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        res = hellaswag.evaluate(model, device, examples, bs, ctx)
+        sync()
+        rows.append({'eval': 'hellaswag', 'batch': bs, 'items/s': res['n'] / (time.perf_counter() - t0),
+                     'unit': 'examples', 'result': f"acc_norm {res['acc_norm']:.4f} (n {res['n']})"})
+    rows[1]['speedup'] = rows[1]['items/s'] / rows[0]['items/s']
+    return rows
+
+
 def table(rows):
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+    fmt = lambda v: (f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(v, (int, float))
+                     and not isinstance(v, bool) else str(v))
     cells = [[fmt(r.get(c, '')) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print('| ' + ' | '.join(c.ljust(w) for c, w in zip(cols, widths)) + ' |')
     print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     for row in cells:
         print('| ' + ' | '.join(v.ljust(w) for v, w in zip(row, widths)) + ' |')
+    print()
 
 
 print(f"device {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else os.cpu_count()} "
       f"{'' if device_type == 'cuda' else 'cpus, ' + str(torch.get_num_threads()) + ' threads'}), dtype {dtype}, "
-      f"compile {compile}, torch {torch.__version__}")
-print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, vocab {vocab_size}" +
-      (f", batch {batch_size}" if mode == 'train' else f", batch 1, prompt {prompt_tokens} tokens"))
+      f"compile {compile}{f' ({compile_mode})' if compile else ''}, torch {torch.__version__}")
+if mode != 'data':
+    print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, vocab {vocab_size}" +
+          (f", batch {batch_size}" if mode != 'sample' else f", batch 1, prompt {prompt_tokens} tokens") +
+          (", activation checkpointing" if activation_checkpointing else ''))
 if mode == 'train':
     table([bench_train(a) for a in attn_type.split(',')])
 elif mode == 'sample':
     table([r for a in attn_type.split(',') for r in bench_sample(a)])
+elif mode == 'data':
+    with tempfile.TemporaryDirectory(prefix='bench_data_') as tmp:
+        print(f"text: {text_file or 'generated'}, {data_chars:,} characters in 2,000-character documents")
+        table(bench_tokenize(tmp))
+        table(bench_batches(tmp))
 else:
-    fail(f"unknown mode '{mode}'; use train or sample")
+    table([bench_eval(a) for a in attn_type.split(',')] + (bench_hellaswag() if hellaswag_limit else []))

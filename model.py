@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 PA_ACTIVATIONS = {'relu': F.relu, 'gelu': F.gelu, 'sigmoid': torch.sigmoid, 'silu': F.silu, 'softplus': F.softplus}
@@ -204,6 +205,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.activation_checkpointing = False  # True: keep only block inputs, recompute the rest in backward
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith('c_proj.weight'):
@@ -233,8 +235,13 @@ class GPT(nn.Module):
             raise ValueError(f"cannot forward {pos + T} positions, block_size is only {self.config.block_size}")
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
         x = self.transformer.drop(x)
+        # activation checkpointing: keep one (B, T, C) input per block instead of all its intermediates, for ~1/3 more compute
+        recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else (*caches[i], pos))
+            if recompute:  # non-reentrant: the RNG is replayed, so dropout masks match the first pass
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if caches is None else (*caches[i], pos))
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None:

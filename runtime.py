@@ -20,11 +20,10 @@ PEAK_BF16_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H10
 
 
 def pick_device(device):
-    """'auto' -> cuda, else mps, else cpu. Anything else must be a device torch knows and has."""
+    """'auto' -> cuda, else mps, else cpu. Anything else must be a device torch knows and has.
+    On CUDA it also lets float32 matmuls use TF32 tensor cores (what is left outside bf16 autocast)."""
     if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -35,6 +34,9 @@ def pick_device(device):
         fail(f"device '{device}' asked for but MPS is not available here; use --device=auto or --device=cpu")
     if kind not in ('cpu', 'cuda', 'mps'):
         fail(f"unsupported device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    if kind == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 

@@ -43,9 +43,6 @@ device = pick_device(device)
 device_type = torch.device(device).type
 dtype = pick_dtype(dtype, device_type)
 torch.manual_seed(seed)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 model, ckpt = load_model(init_from, out_dir, device)
 meta = ckpt.get('meta') if ckpt else None

@@ -68,6 +68,7 @@ n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
 bias = False  # bias in Linears and LayerNorms (GPT-2 had them; without is a bit better and faster)
 attn_type = 'SM'  # attention: SM, GK, GKpoly-<n>, PA_<act> (see model.py)
+activation_checkpointing = False  # recompute each block in backward: far less activation memory, ~1/3 more compute
 # AdamW
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total optimizer steps
@@ -201,6 +202,7 @@ if block_size > model.config.block_size:
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 model_args = asdict(model.config)
+model.activation_checkpointing = activation_checkpointing
 if meta and meta['vocab_size'] != model.config.vocab_size:
     fail(f"dataset vocab ({meta['vocab_size']}) differs from the model's ({model.config.vocab_size}); "
          f"a char-level dataset needs a model trained on it")

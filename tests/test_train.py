@@ -150,3 +150,15 @@ def test_config_by_bare_name_and_flags_override(monkeypatch):
     assert g['init_from'] == 'gpt2-xl' and g['eval_only'] is True
     assert g['batch_size'] == 4 and g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
     assert g['compile'] is False
+
+
+def test_activation_checkpointing_trains_identically(char_data, tmp_path):
+    """--activation_checkpointing=True recomputes each block in backward: the same run to the last bit, dropout on"""
+    flags = ['--max_iters=8', '--eval_interval=8', '--dropout=0.1']
+    plain = train(char_data, tmp_path / 'a', *flags)
+    ckpt = train(char_data, tmp_path / 'b', *flags, '--activation_checkpointing=True')
+    assert step_losses(plain.stdout) == step_losses(ckpt.stdout) and len(step_losses(plain.stdout)) == 8
+    a, b = load(tmp_path / 'a'), load(tmp_path / 'b')
+    assert b['config']['activation_checkpointing'] is True
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k

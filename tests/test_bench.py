@@ -1,0 +1,72 @@
+"""bench.py: every mode runs as its docstring says and prints a table whose checks hold (tiny sizes, CPU)."""
+import json
+
+from conftest import run_script
+from test_hellaswag import EXAMPLES
+
+TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=2',
+        '--iters=2', '--warmup_iters=1']
+
+
+def tables(stdout):
+    """every markdown table in the output, as lists of {column: cell}"""
+    out, cols = [], None
+    for line in stdout.splitlines():
+        if not line.startswith('|'):
+            cols = None
+            continue
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if cols is None:
+            cols = cells
+            out.append([])
+        elif not set(line) <= set('|-'):
+            out[-1].append(dict(zip(cols, cells)))
+    return out
+
+
+def number(cell):
+    return float(cell.replace(',', '').rstrip('%'))
+
+
+def test_train_rows_per_attention_and_activation_checkpointing():
+    p = run_script('bench.py', *TINY, '--vocab_size=65', '--attn_type=SM,GK', '--activation_checkpointing=True')
+    [rows] = tables(p.stdout)
+    assert [r['attn_type'] for r in rows] == ['SM', 'GK']
+    for r in rows:
+        assert number(r['tokens/s']) > 0 and number(r['peak mem GB']) > 0 and r['MFU'] == 'n/a'  # no peak on CPU
+        assert 3.0 < number(r['loss']) < 5.0  # ~ln(65) for random tokens
+    assert 'activation checkpointing' in p.stdout
+
+
+def test_sample_cache_gives_same_tokens():
+    p = run_script('bench.py', '--mode=sample', *TINY, '--vocab_size=65', '--max_new_tokens=40', '--prompt_tokens=4')
+    [rows] = tables(p.stdout)
+    assert [r['kv cache'] for r in rows] == ['True', 'False']
+    assert rows[0]['same tokens'] == 'True' and number(rows[0]['speedup']) > 0
+
+
+def test_data_pool_writes_the_same_bins(tiktoken_offline):
+    p = run_script('bench.py', '--mode=data', '--data_chars=300000', '--num_proc=2', '--block_size=64', '--iters=2',
+                   env={'HF_HUB_OFFLINE': '1'}, timeout=300)
+    tokenise, loading = tables(p.stdout)
+    assert [r['processes'] for r in tokenise] == ['1', '2']
+    assert tokenise[0]['tokens'] == tokenise[1]['tokens'] and number(tokenise[0]['tokens']) > 50_000
+    assert tokenise[1]['same bins'] == 'True'
+    assert [r['memmap'] for r in loading] == ['opened once', 'reopened per batch']
+    assert all(number(r['us/batch']) > 0 for r in loading)
+
+
+def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp_path):
+    with open(tmp_path / 'hellaswag_val.jsonl', 'w') as f:
+        for ex in EXAMPLES:
+            f.write(json.dumps(ex) + '\n')
+    p = run_script('bench.py', '--mode=eval', *TINY, f'--hellaswag_dir={tmp_path}', '--hellaswag_limit=8')
+    [rows] = tables(p.stdout)
+    assert [(r['eval'], r['batch']) for r in rows] == [('val loss (SM)', '2'), ('hellaswag', '1'), ('hellaswag', '8')]
+    assert rows[1]['result'] == rows[2]['result'] and '(n 8)' in rows[1]['result']
+    assert 10.0 < number(rows[0]['result'].split()[1]) < 11.5  # ~ln(50257): a random model on random tokens
+
+
+def test_bad_mode_is_one_line():
+    p = run_script('bench.py', '--mode=nope', check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown mode 'nope'; use train, sample, data or eval"]
