@@ -53,7 +53,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'
 compile = None  # None = on for CUDA, off elsewhere
-compile_mode = 'default'  # torch.compile mode: 'default', 'max-autotune', 'max-autotune-no-cudagraphs', ...
+compile_mode = 'default'  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 profile = False  # write a torch.profiler trace of the timed steps to bench_trace/
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -62,6 +62,8 @@ if mode not in ('train', 'sample', 'data', 'eval'):
 for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit'):
     if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
         fail(f"{name} must be a {'non-negative' if name == 'hellaswag_limit' else 'positive'} integer, got {globals()[name]!r}")
+if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
+    fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
 if text_file and not os.path.isfile(text_file):
     fail(f"no such text file: {text_file}")
 device = pick_device(device)
@@ -240,7 +242,7 @@ def bench_tokenize(tmp):
                            capture_output=True, text=True)
         m = re.search(r'this run: ([\d,]+) tokens in [\d.]+s \(([\d,]+) tokens/s', p.stdout)
         if p.returncode or not m:
-            fail(f"prepare.py failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+            fail(f"prepare.py failed: {(p.stderr.strip().splitlines() or ['no output'])[-1].removeprefix('error: ')}")
         rows.append({'tokenise': 'prepare.py', 'processes': procs, 'tokens': int(m.group(1).replace(',', '')),
                      'tokens/s': float(m.group(2).replace(',', ''))})
     if len(rows) > 1:
@@ -291,16 +293,21 @@ def bench_eval(attn):
             'unit': 'tokens', 'result': f"loss {loss.item():.4f}"}
 
 
-def bench_hellaswag():
-    """hellaswag.evaluate one example per forward vs hellaswag.batch_size examples per forward; same accuracy"""
+def hellaswag_examples():
+    """HellaSwag's validation examples (checked before any timing, so a missing file fails at once)"""
     import hellaswag
     try:
         hellaswag.encoder()
     except Exception as e:
         fail(f"could not load GPT-2's BPE (tiktoken r50k_base; offline, set TIKTOKEN_CACHE_DIR): {type(e).__name__}")
     if vocab_size < hellaswag.encoder().n_vocab:
-        fail(f"HellaSwag needs the GPT-2 vocabulary: use --vocab_size=50257 (got {vocab_size})")
-    examples = hellaswag.load_examples(hellaswag_limit, hellaswag_dir or hellaswag.data_dir)
+        fail(f"HellaSwag needs the GPT-2 vocabulary: use --vocab_size=50257 (got {vocab_size}), or --hellaswag_limit=0")
+    return hellaswag.load_examples(hellaswag_limit, hellaswag_dir or hellaswag.data_dir)
+
+
+def bench_hellaswag(examples):
+    """hellaswag.evaluate one example per forward vs hellaswag.batch_size examples per forward; same accuracy"""
+    import hellaswag
     model = make_model(attn_type.split(',')[0])
     rows = []
     for bs in (1, hellaswag.batch_size):
@@ -345,4 +352,5 @@ elif mode == 'data':
         table(bench_tokenize(tmp))
         table(bench_batches(tmp))
 else:
-    table([bench_eval(a) for a in attn_type.split(',')] + (bench_hellaswag() if hellaswag_limit else []))
+    examples = hellaswag_examples() if hellaswag_limit else None
+    table([bench_eval(a) for a in attn_type.split(',')] + (bench_hellaswag(examples) if examples else []))

@@ -1,6 +1,8 @@
 """bench.py: every mode runs as its docstring says and prints a table whose checks hold (tiny sizes, CPU)."""
 import json
 
+import pytest
+
 from conftest import run_script
 from test_hellaswag import EXAMPLES
 
@@ -67,6 +69,13 @@ def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp
     assert 10.0 < number(rows[0]['result'].split()[1]) < 11.5  # ~ln(50257): a random model on random tokens
 
 
-def test_bad_mode_is_one_line():
-    p = run_script('bench.py', '--mode=nope', check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown mode 'nope'; use train, sample, data or eval"]
+@pytest.mark.parametrize('flag, message', [
+    ('--mode=nope', "unknown mode 'nope'; use train, sample, data or eval"),
+    ('--compile_mode=fast', "unknown compile_mode 'fast'; use default, reduce-overhead, max-autotune or "
+                            "max-autotune-no-cudagraphs"),
+    ('--text_file=/no/such.txt', "no such text file: /no/such.txt"),
+    ('--iters=0', "iters must be a positive integer, got 0"),
+])
+def test_bad_flags_are_one_line(flag, message):
+    p = run_script('bench.py', flag, check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"error: {message}"]
