@@ -226,6 +226,8 @@ def bench_tokenize(tmp):
     """data/fineweb_edu/prepare.py over the same local documents with 1 process and with a pool of num_proc;
     the tokens/s are its own report, and both runs must write identical bins"""
     text = open(text_file, encoding='utf-8').read() if text_file else generated_text(1_000_000)
+    if not text.strip():
+        fail(f"{text_file} holds no text")
     docs, n = os.path.join(tmp, 'docs.jsonl'), 0
     with open(docs, 'w') as f:  # ~2,000-character documents, the text repeated until there are data_chars
         while n < data_chars:
@@ -255,6 +257,8 @@ def bench_tokenize(tmp):
 def bench_batches(tmp):
     """train.py's batch loading (one gather from a memmap opened once) vs reopening the memmap for every batch"""
     path = os.path.join(tmp, 'proc1', 'train.bin')
+    if os.path.getsize(path) // 2 <= block_size + 1:
+        fail(f"{data_chars:,} characters give fewer tokens than one block of {block_size}; raise --data_chars")
     rows = []
     for reopen in (False, True):
         data = np.memmap(path, dtype=np.uint16, mode='r')
