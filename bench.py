@@ -10,6 +10,7 @@ $ python bench.py --mode=data             # tokenising with 1 process vs a pool;
 $ python bench.py --mode=eval             # val-loss tokens/s; HellaSwag examples/s one at a time vs batched
 """
 
+import itertools
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import torch
 
 from configurator import configure, fail
 from model import GPT, GPTConfig
-from runtime import autocast, peak_flops, pick_device, pick_dtype
+from runtime import autocast, draw_offsets, peak_flops, pick_device, pick_dtype, read_batch
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train', 'sample', 'data' or 'eval' (see above)
@@ -62,6 +63,8 @@ if mode not in ('train', 'sample', 'data', 'eval'):
 for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit'):
     if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
         fail(f"{name} must be a {'non-negative' if name == 'hellaswag_limit' else 'positive'} integer, got {globals()[name]!r}")
+if not 0 < vocab_size <= 2**16:
+    fail(f"vocab_size must be between 1 and 65,536 (token ids are uint16, as in train.bin), got {vocab_size}")
 if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
     fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
 if text_file and not os.path.isfile(text_file):
@@ -121,28 +124,18 @@ def compiled(model):
     return torch.compile(model, mode=compile_mode) if compile else model
 
 
-def to_device(t):
-    if device_type == 'cuda':  # pinned memory: the copy runs async while the GPU computes
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def batches():
-    """endless (x, y) batches: random tokens, or real ones from the memmapped train.bin"""
+    """endless (x, y) batches, loaded as train.py loads them: from the memmapped train.bin, or from random tokens"""
     g = torch.Generator().manual_seed(seed)
     if real_data:
         path = os.path.join(REPO, 'data', dataset, 'train.bin')
         if not os.path.isfile(path):
             fail(f"no {path}; run python data/{dataset}/prepare.py or use --real_data=False")
         data = np.memmap(path, dtype=np.uint16, mode='r')
+    else:
+        data = np.random.default_rng(seed).integers(vocab_size, size=max(10**6, 2 * (block_size + 1)), dtype=np.uint16)
     while True:
-        if real_data:
-            ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).numpy()
-            t = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
-        else:
-            t = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g)
-        t = to_device(t)
-        yield t[:, :-1], t[:, 1:]
+        yield read_batch(data, draw_offsets(g, len(data), block_size, 1, batch_size)[0], block_size, device)
 
 
 def bench_train(attn):
@@ -229,13 +222,12 @@ def bench_tokenize(tmp):
     if not text.strip():
         fail(f"{text_file} holds no text")
     docs, n = os.path.join(tmp, 'docs.jsonl'), 0
-    with open(docs, 'w') as f:  # ~2,000-character documents, the text repeated until there are data_chars
-        while n < data_chars:
-            for i in range(0, len(text), 2000):
-                f.write(json.dumps({'text': text[i:i + 2000]}) + '\n')
-                n += len(text[i:i + 2000])
-                if n >= data_chars:
-                    break
+    with open(docs, 'w') as f:  # 2,000-character documents, the text repeated until there are data_chars
+        for doc in itertools.cycle([text[i:i + 2000] for i in range(0, len(text), 2000)]):
+            if n >= data_chars:
+                break
+            f.write(json.dumps({'text': doc}) + '\n')
+            n += len(doc)
     rows = []
     for procs in sorted({1, num_proc}):
         out = os.path.join(tmp, f'proc{procs}')
@@ -268,9 +260,8 @@ def bench_batches(tmp):
         for _ in range(n_batches):
             if reopen:
                 data = np.memmap(path, dtype=np.uint16, mode='r')
-            ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).numpy()
-            t = to_device(torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)))
-            x, y = t[:, :-1], t[:, 1:]
+            offsets = draw_offsets(g, len(data), block_size, 1, batch_size)[0]
+            read_batch(data, offsets, block_size, device, 2**16)  # with train.py's id check (every uint16 passes)
         sync()
         dt = (time.perf_counter() - t0) / n_batches
         rows.append({'batches': f"{batch_size} x {block_size}", 'memmap': 'reopened per batch' if reopen else 'opened once',

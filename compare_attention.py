@@ -30,7 +30,7 @@ import torch
 
 from configurator import configure, fail
 from model import attend, parse_attn_type
-from runtime import draw_offsets, load_checkpoint, model_from_checkpoint
+from runtime import draw_offsets, load_checkpoint, model_from_checkpoint, read_batch
 
 # -----------------------------------------------------------------------------
 attn_types = 'SM,GK,GKpoly-8,PA_relu'  # comma-separated, one training run each
@@ -152,8 +152,7 @@ def val_batches(cfg):
     offsets = draw_offsets(torch.Generator().manual_seed(cfg['seed'] + 1), len(val), T, cfg['eval_iters'],
                            cfg['batch_size'])
     for offs in offsets:
-        t = torch.from_numpy(val[offs.numpy()[:, None] + np.arange(T + 1)].astype(np.int64))
-        yield t[:, :-1], t[:, 1:]
+        yield read_batch(val, offs, T, 'cpu')
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 
+import numpy as np
 import torch
 
 from configurator import fail
@@ -146,3 +147,17 @@ def draw_offsets(generator, n_tokens, block_size, n_micro, batch_size, rank=0, w
     whatever the world size. Fewer micro-batches than processes (a small eval): every process gets them all."""
     offsets = torch.randint(n_tokens - block_size - 1, (n_micro, batch_size), generator=generator)
     return offsets[rank::world_size] if n_micro >= world_size else offsets
+
+
+def read_batch(data, offsets, block_size, device, vocab_size=None):
+    """x, y (len(offsets), block_size) on device: the block_size + 1 tokens at each start offset of a uint16
+    array (a memmap opened once), in one gather. With vocab_size, an id outside it raises ValueError."""
+    tok = data[offsets.numpy()[:, None] + np.arange(block_size + 1)]
+    if vocab_size is not None and tok.max() >= vocab_size:
+        raise ValueError(f"holds token id {int(tok.max())} but the model's vocabulary has {vocab_size}")
+    t = torch.from_numpy(tok.astype(np.int64))
+    if torch.device(device).type == 'cuda':  # pinned memory: the copy runs async while the GPU computes
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure, fail
 from model import GPT, GPTConfig
 from runtime import (autocast, draw_offsets, load_checkpoint, model_from_checkpoint, peak_flops, pick_device,
-                     pick_dtype, print0, save_atomic)
+                     pick_dtype, print0, read_batch, save_atomic)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -302,17 +302,10 @@ peak = peak_flops(device)
 
 def get_batch(split, offsets):
     """tokens at the given start offsets -> x, y of shape (len(offsets), block_size) on the device"""
-    data = splits[split]
-    tok = data[offsets.numpy()[:, None] + np.arange(block_size + 1)]  # one gather from the memmap
-    if tok.max() >= model_args['vocab_size']:
-        fail(f"{split}.bin in {data_dir} holds token id {int(tok.max())} but the model's vocabulary has "
-             f"{model_args['vocab_size']}; re-run the dataset's prepare.py or fix --dataset")
-    t = torch.from_numpy(tok.astype(np.int64))
-    if device_type == 'cuda':  # pinned memory: the copy runs async while the GPU computes
-        t = t.pin_memory().to(device, non_blocking=True)
-    else:
-        t = t.to(device)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    try:
+        return read_batch(splits[split], offsets, block_size, device, model_args['vocab_size'])
+    except ValueError as e:
+        fail(f"{split}.bin in {data_dir} {e}; re-run the dataset's prepare.py or fix --dataset")
 
 
 def draw(split, n, generator):
