@@ -24,6 +24,44 @@ def fail(msg):
     sys.exit(2)
 
 
+def writable_dir(path, flag):
+    """fail unless `path` is, or can be created as, a writable directory (nothing is created here)"""
+    if not path:
+        fail(f"{flag} is empty; give a directory, e.g. {flag}=out")
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        fail(f"{flag}={path} is a file, not a directory; choose another {flag}")
+    while not os.path.exists(target):  # the folders that would be created must hang off a writable directory
+        target = os.path.dirname(target)
+    if not os.path.isdir(target) or not os.access(target, os.W_OK):
+        fail(f"{flag}={path} cannot be created or written ({target} is not a writable directory); choose another {flag}")
+    return path
+
+
+def writable_file(path, flag):
+    """fail unless a file can be written at `path` (its folder existing or creatable, and path not a directory)"""
+    if not path:
+        fail(f"{flag} is empty; give a file name")
+    if os.path.isdir(path):
+        fail(f"{flag}={path} is a directory; give a file name")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    return path
+
+
+def read_text(path, flag):
+    """the whole of a UTF-8 text file; a missing file, a directory or bytes that are not UTF-8 fail in one line"""
+    if os.path.isdir(path):
+        fail(f"{flag}: {path} is a directory; give a text file")
+    if not os.path.isfile(path):
+        fail(f"{flag}: {path} does not exist")
+    data = open(path, 'rb').read()
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        fail(f"{flag}: {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+             f"convert it, e.g. iconv -t utf-8")
+
+
 def _check(key, value, defaults, source):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)

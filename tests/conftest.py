@@ -76,3 +76,35 @@ def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def snapshot(path):
+    """relative name -> sha256 of every file under path (or of path itself), None if it does not exist"""
+    import hashlib
+    if not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest()
+            for d, _, files in os.walk(path) for f in files}
+
+
+def run_bad_inputs(cases, protect=(), workers=2):
+    """Run each (args, expected message) case as a subprocess, two at a time (they are mostly start-up), and assert
+    what a user must see: a non-zero exit, exactly one 'error: ...' line on stderr containing the message, no
+    traceback, and every path in `protect` byte-identical afterwards. Returns the CompletedProcesses."""
+    from concurrent.futures import ThreadPoolExecutor
+    before = {p: snapshot(p) for p in protect}
+    run = lambda case: run_script(*case[0], check=False, env=case[2] if len(case) > 2 else None)
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(run, cases))
+    for case, p in zip(cases, done):
+        args, message = case[0], case[1]
+        err = p.stderr.strip()
+        assert p.returncode != 0, (args, p.stdout[-500:])
+        assert 'Traceback' not in p.stderr, (args, err[-2000:])
+        assert len(err.splitlines()) == 1 and err.startswith('error: '), (args, err[-2000:])
+        assert message in err, (args, message, err)
+    for path, snap in before.items():
+        assert snapshot(path) == snap, f"{path} changed"
+    return done
