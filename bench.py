@@ -26,7 +26,8 @@ import torch
 
 from configurator import configure, fail
 from model import GPT, GPTConfig
-from runtime import autocast, draw_offsets, peak_flops, pick_device, pick_dtype, read_batch
+from runtime import (autocast, device_peak_flops, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch,
+                     sync)
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train', 'sample', 'data' or 'eval' (see above)
@@ -44,7 +45,10 @@ dataset = 'openwebtext'
 warmup_iters = 5  # untimed steps first (compilation, allocator warm-up)
 iters = 20  # timed steps (train), timed batches (eval, data)
 max_new_tokens = 500  # sample mode: tokens generated
-prompt_tokens = 16  # sample mode: prompt length
+prompt_tokens = 1  # sample mode: prompt length
+sample_batch = 8  # sample mode: the larger batch timed beside batch 1
+temperature = 0.0  # sample mode: 0 = greedy; seeded sampling otherwise (every path must give the same tokens)
+no_cache = True  # sample mode: also time the full recompute per token (nanoGPT's way); slow for big models
 text_file = ''  # data mode: documents are cut from this text file; '' = generated text
 data_chars = 20_000_000  # data mode: characters of text to tokenise
 num_proc = 2  # data mode: processes in the tokenising pool, compared with 1
@@ -60,7 +64,8 @@ profile = False  # write a torch.profiler trace of the timed steps to bench_trac
 configure(globals())
 if mode not in ('train', 'sample', 'data', 'eval'):
     fail(f"unknown mode '{mode}'; use train, sample, data or eval")
-for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit'):
+for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit', 'max_new_tokens',
+             'prompt_tokens', 'sample_batch'):
     if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
         fail(f"{name} must be a {'non-negative' if name == 'hellaswag_limit' else 'positive'} integer, got {globals()[name]!r}")
 if not 0 < vocab_size <= 2**16:
@@ -70,25 +75,18 @@ if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autot
 if text_file and not os.path.isfile(text_file):
     fail(f"no such text file: {text_file}")
 device = pick_device(device)
-device_type = torch.device(device).type
-dtype = pick_dtype(dtype, device_type)
-compile = (device_type == 'cuda') if compile is None else compile
+device_type = device.type
+dtype = pick_dtype(dtype, device)
+compile = pick_compile(compile, device)
 ctx = autocast(device_type, dtype)
-peak = peak_flops(device)
+peak = device_peak_flops(device, dtype)
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def sync():
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    elif device_type == 'mps':
-        torch.mps.synchronize()
 
 
 def reset_peak_memory():
     """start a new peak: CUDA's allocator counter, or on Linux the process's resident high-water mark"""
     if device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         try:
             with open('/proc/self/clear_refs', 'w') as f:
@@ -100,7 +98,7 @@ def reset_peak_memory():
 def peak_memory_gb():
     """peak device memory (cuda) or peak resident memory of this process (cpu, mps) since reset_peak_memory()"""
     if device_type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 1e9
+        return torch.cuda.max_memory_allocated(device) / 1e9
     try:
         with open('/proc/self/status') as f:
             return int(re.search(r'VmHWM:\s*(\d+) kB', f.read()).group(1)) / 1e6
@@ -132,15 +130,21 @@ def batches():
         if not os.path.isfile(path):
             fail(f"no {path}; run python data/{dataset}/prepare.py or use --real_data=False")
         data = np.memmap(path, dtype=np.uint16, mode='r')
+        if len(data) <= block_size + 1:
+            fail(f"{path} has {len(data)} tokens, fewer than one block of {block_size} + 1; use a smaller --block_size")
     else:
         data = np.random.default_rng(seed).integers(vocab_size, size=max(10**6, 2 * (block_size + 1)), dtype=np.uint16)
     while True:
-        yield read_batch(data, draw_offsets(g, len(data), block_size, 1, batch_size)[0], block_size, device)
+        try:
+            yield read_batch(data, draw_offsets(g, len(data), block_size, 1, batch_size)[0], block_size, device,
+                             vocab_size)
+        except ValueError as e:
+            fail(f"{path} {e}: use --vocab_size to match the data (GPT-2 BPE: 50257)")
 
 
 def bench_train(attn):
     model = make_model(attn)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+    optimizers = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     step_model = compiled(model)
     data = batches()
     X, Y = next(data)
@@ -152,13 +156,14 @@ def bench_train(attn):
         X, Y = next(data)  # the next batch loads while the device computes
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     for _ in range(warmup_iters):
         step()
-    sync()
+    sync(device)
     reset_peak_memory()
     prof = None
     if profile:
@@ -171,7 +176,7 @@ def bench_train(attn):
         loss = step()
         if prof:
             prof.step()
-    sync()
+    sync(device)
     dt = (time.perf_counter() - t0) / iters
     if prof:
         prof.stop()
@@ -183,22 +188,54 @@ def bench_train(attn):
             'peak mem GB': peak_memory_gb(), 'loss': loss.item()}
 
 
+def bandwidth():
+    """bytes/s this device reads: the best of several sums over a buffer far larger than any cache"""
+    buf = torch.ones(256 * 2**20 // 4 if device_type == 'cpu' else 2**30 // 4, device=device)  # 256 MB / 1 GB
+    best = float('inf')
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * buf.element_size() / best
+
+
 def bench_sample(attn):
+    """tokens/s of model.generate: full recompute (no cache), the static KV cache eager, and compiled; against the
+    weight-streaming bound: a decode step reads every weight once (the head's padded rows included, the position
+    table's one row not), so one step of B tokens takes at least weight bytes / bandwidth"""
     model = make_model(attn).eval()
-    prompt = torch.randint(vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
-    rows, outs = [], {}
-    for use_cache in (True, False):
-        with torch.no_grad(), ctx:
-            model.generate(prompt, 8, temperature=0, use_cache=use_cache)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            outs[use_cache] = model.generate(prompt, max_new_tokens, temperature=0, use_cache=use_cache)
-            sync()
-        dt = time.perf_counter() - t0
-        rows.append({'attn_type': attn, 'kv cache': use_cache, 'new tokens': max_new_tokens, 'seconds': dt,
-                     'tokens/s': max_new_tokens / dt})
-    rows[0]['speedup'] = rows[1]['seconds'] / rows[0]['seconds']
-    rows[0]['same tokens'] = bool(torch.equal(outs[True], outs[False]))
+    weight_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float16 if dtype == 'float16' else torch.float32
+    weight_bytes = (model.get_num_params(non_embedding=False) - model.transformer.wpe.weight.numel()) * \
+        weight_dtype.itemsize
+    if dtype != 'float32':  # the weights themselves in the low precision: the bound assumes they are read so
+        model.to(weight_dtype)
+    bw = bandwidth()
+    print(f"weights read per decode step {weight_bytes / 1e6:,.1f} MB; measured read bandwidth {bw / 1e9:,.1f} GB/s; "
+          f"bound {bw / weight_bytes:,.1f} steps/s")
+    paths = ([('no cache', dict(use_cache=False))] if no_cache else []) + \
+        [('kv cache', {}), ('kv cache, compiled', dict(compile=True))]
+    rows = []
+    for B in sorted({1, sample_batch}):
+        prompt = torch.randint(vocab_size, (B, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+        outs = []
+        for name, kw in paths:
+            with torch.no_grad():
+                sync(device)
+                t0 = time.perf_counter()
+                model.generate(prompt, max_new_tokens, temperature=temperature, **kw)  # compiles (slides too)
+                sync(device)
+                first = time.perf_counter() - t0
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                outs.append(model.generate(prompt, max_new_tokens, temperature=temperature, **kw))
+                sync(device)
+                dt = time.perf_counter() - t0
+            rows.append({'attn_type': attn, 'batch': B, 'path': name, 'first call s': first, 'seconds': dt,
+                         'tokens/s': B * max_new_tokens / dt, 'of bound': f"{max_new_tokens / dt / (bw / weight_bytes):.0%}",
+                         'same tokens': all(torch.equal(o, outs[0]) for o in outs)})
+        model.clear_caches()
     return rows
 
 
@@ -262,7 +299,7 @@ def bench_batches(tmp):
                 data = np.memmap(path, dtype=np.uint16, mode='r')
             offsets = draw_offsets(g, len(data), block_size, 1, batch_size)[0]
             read_batch(data, offsets, block_size, device, 2**16)  # with train.py's id check (every uint16 passes)
-        sync()
+        sync(device)
         dt = (time.perf_counter() - t0) / n_batches
         rows.append({'batches': f"{batch_size} x {block_size}", 'memmap': 'reopened per batch' if reopen else 'opened once',
                      'us/batch': dt * 1e6, 'tokens/s': batch_size * block_size / dt})
@@ -277,12 +314,12 @@ def bench_eval(attn):
     with torch.no_grad():
         for i in range(warmup_iters + iters):
             if i == warmup_iters:
-                sync()
+                sync(device)
                 t0 = time.perf_counter()
             X, Y = next(data)
             with ctx:
                 _, loss = step_model(X, Y)
-        sync()
+        sync(device)
     dt = (time.perf_counter() - t0) / iters
     return {'eval': f'val loss ({attn})', 'batch': batch_size, 'items/s': batch_size * block_size / dt,
             'unit': 'tokens', 'result': f"loss {loss.item():.4f}"}
@@ -307,10 +344,10 @@ def bench_hellaswag(examples):
     rows = []
     for bs in (1, hellaswag.batch_size):
         hellaswag.evaluate(model, device, examples[:bs], bs, ctx)  # warm-up
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         res = hellaswag.evaluate(model, device, examples, bs, ctx)
-        sync()
+        sync(device)
         rows.append({'eval': 'hellaswag', 'batch': bs, 'items/s': res['n'] / (time.perf_counter() - t0),
                      'unit': 'examples', 'result': f"acc_norm {res['acc_norm']:.4f} (n {res['n']})"})
     rows[1]['speedup'] = rows[1]['items/s'] / rows[0]['items/s']
@@ -335,7 +372,8 @@ print(f"device {device} ({torch.cuda.get_device_name(device) if device_type == '
       f"compile {compile}{f' ({compile_mode})' if compile else ''}, torch {torch.__version__}")
 if mode != 'data':
     print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, vocab {vocab_size}" +
-          (f", batch {batch_size}" if mode != 'sample' else f", batch 1, prompt {prompt_tokens} tokens") +
+          (f", batch {batch_size}" if mode != 'sample' else f", batch 1 and {sample_batch}, prompt {prompt_tokens} "
+           f"token(s), {max_new_tokens} new, temperature {temperature}") +
           (", activation checkpointing" if activation_checkpointing else ''))
 if mode == 'train':
     table([bench_train(a) for a in attn_type.split(',')])

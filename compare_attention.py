@@ -10,7 +10,7 @@ A run whose log already reached max_iters with the same settings is reused, not 
 The doc has two tables:
   1. per attn_type: val loss at equal iterations, best val loss, median training tokens/s
   2. GKpoly-n vs GK on real activations: the GK run's checkpoint is run on validation batches, q, k, v
-     are captured per layer (forward hooks on attn.c_attn), and attend(q, k, v, 'GKpoly-n') is compared
+     are captured per layer (forward hooks on attn.c_attn), and attend(q, k, v, 'GKpoly', n) is compared
      with attend(q, k, v, 'GK'); plus the val loss of the GK-trained model with GKpoly-n swapped in
      (no finetuning), on the same batches train.py's own evaluation uses.
 """
@@ -28,9 +28,9 @@ import sys
 import numpy as np
 import torch
 
-from configurator import configure, fail
+from configurator import configure, fail, writable_dir, writable_file
 from model import attend, parse_attn_type
-from runtime import draw_offsets, load_checkpoint, model_from_checkpoint, read_batch
+from runtime import draw_offsets, load_checkpoint, model_from_checkpoint, pick_device, read_batch
 
 # -----------------------------------------------------------------------------
 attn_types = 'SM,GK,GKpoly-8,PA_relu'  # comma-separated, one training run each
@@ -56,20 +56,47 @@ poly_degrees = (2, 4, 8, 16, 32, 64)  # n of GKpoly-n compared with GK
 configure(globals())
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-types = [t.strip() for t in attn_types.split(',') if t.strip()]
-if not types:
+# every setting is checked here, so that a mistake costs seconds, not the hour of training before it shows
+types = [t.strip() for t in attn_types.split(',')]
+if not any(types):
     fail("attn_types is empty; e.g. --attn_types=SM,GK")
+if '' in types:
+    fail(f"--attn_types={attn_types} has an empty entry (entry {types.index('') + 1}); separate with single commas")
+if len(set(types)) < len(types):
+    fail(f"--attn_types={attn_types} lists an attn_type twice; give each once")
 for t in types:
     try:
         parse_attn_type(t)
     except ValueError as e:
         fail(str(e))
-if max_iters <= 0 or any(not isinstance(n, int) or n <= 0 for n in poly_degrees):
-    fail("max_iters and every poly_degrees entry must be positive integers")
+for name in ('max_iters', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'eval_iters', 'eval_interval',
+             'log_interval'):
+    if globals()[name] <= 0:
+        fail(f"--{name} must be a positive integer, got {globals()[name]!r}")
+if n_embd % n_head:
+    fail(f"--n_embd={n_embd} must be divisible by --n_head={n_head}")
+if not poly_degrees or any(type(n) is not int or n <= 0 for n in poly_degrees):
+    fail(f"--poly_degrees must be a tuple of positive integers like (2, 8), got {poly_degrees!r}")
+eval_steps = f"0, {eval_interval}, {2 * eval_interval}, ... and {max_iters}"
+if any(type(i) is not int or not 0 <= i <= max_iters or (i % eval_interval and i != max_iters) for i in report_iters):
+    fail(f"--report_iters={report_iters!r}: each must be a step with an eval ({eval_steps}), as a tuple like (500,)")
+pick_device(device)
 data_path = os.path.abspath(data_dir) if data_dir else os.path.join(REPO, 'data', 'shakespeare_char')
-if not os.path.isfile(os.path.join(data_path, 'val.bin')):
-    fail(f"no char dataset in {data_path}; run: python data/shakespeare_char/prepare.py")
-report_at = tuple(report_iters) or tuple(sorted({max_iters // 4, max_iters // 2, max_iters} - {0}))
+for split in ('train', 'val'):
+    path = os.path.join(data_path, f'{split}.bin')
+    if not os.path.isfile(path):
+        fail(f"no char dataset in {data_path} (no {split}.bin); run: python data/shakespeare_char/prepare.py")
+    if os.path.getsize(path) // 2 <= block_size + 1:
+        fail(f"{path} has only {os.path.getsize(path) // 2} tokens, fewer than one block ({block_size} + 1); "
+             f"use a smaller --block_size")
+if not out_prefix:
+    fail("--out_prefix is empty; runs would land in ./SM, ./GK, ...: give e.g. --out_prefix=out-attn-")
+for t in types:
+    writable_dir(out_prefix + t, '--out_prefix')
+writable_file(doc, '--doc')
+# by default the last evals by a quarter and by half of max_iters, and the final one
+report_at = tuple(report_iters) or tuple(sorted({max_iters // 4 // eval_interval * eval_interval,
+                                                 max_iters // 2 // eval_interval * eval_interval, max_iters} - {0}))
 
 
 def run_flags(attn_type):
@@ -84,14 +111,14 @@ def run_flags(attn_type):
 
 
 def read_log(path):
-    """records of a log.jsonl; a line cut short by a crash is skipped"""
+    """records of a log.jsonl; a line cut short by a crash (or garbled) is skipped"""
     records = []
-    for line in open(path):
+    for line in open(path, encoding='utf-8', errors='replace'):
         try:
             records.append(json.loads(line))
         except ValueError:
             pass
-    return records
+    return [r for r in records if isinstance(r, dict)]
 
 
 def is_complete(attn_type):
@@ -103,7 +130,7 @@ def is_complete(attn_type):
     if not any(r.get('iter') == max_iters and r.get('val_loss') is not None for r in read_log(log_path)):
         return False
     try:
-        cfg = torch.load(ckpt_path, map_location='cpu', weights_only=True).get('config', {})
+        cfg = dict(torch.load(ckpt_path, map_location='cpu', weights_only=True).get('config', {}))
     except Exception:
         print(f"{flags['out_dir']}: unreadable checkpoint; training again")
         return False
@@ -114,9 +141,9 @@ def is_complete(attn_type):
 
 
 def train(attn_type):
-    flags = run_flags(attn_type)  # a scratch run starts a fresh log.jsonl and overwrites ckpt.pt itself
+    flags = run_flags(attn_type)
     cmd = [sys.executable, os.path.join(REPO, 'train.py'), os.path.join(REPO, 'config', 'train_shakespeare_char.py'),
-           *(f'--{k}={v}' for k, v in flags.items())]
+           *(f'--{k}={v}' for k, v in flags.items()), '--overwrite=True']  # chosen above: a stale or partial run
     print(f"training {attn_type}: {shlex.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         fail(f"the {attn_type} run failed (see its output above); fix it and run compare_attention.py again")
@@ -157,8 +184,8 @@ def val_batches(cfg):
 
 @torch.no_grad()
 def val_loss(model, cfg, attn_type):
-    for block in model.transformer.h:
-        block.attn.attn_type = attn_type
+    for block in model.transformer.h:  # the same weights, another attention
+        block.attn.kind, block.attn.arg = parse_attn_type(attn_type)
     losses = [model(X, Y)[1].item() for X, Y in val_batches(cfg)]
     return sum(losses) / len(losses)
 
@@ -179,7 +206,7 @@ def poly_table():
     C, nh = model.config.n_embd, model.config.n_head
     qkvs = [tuple(t.double().view(X.size(0), X.size(1), nh, C // nh).transpose(1, 2) for t in o.split(C, dim=2))
             for o in captured]  # float64: the differences measured are the polynomial's, not rounding
-    refs = [attend(q, k, v, 'GK') for q, k, v in qkvs]
+    refs = [attend(q, k, v, 'GK') for q, k, v in qkvs]  # causal, full square
     # the range of the Gaussian-kernel score s = -|q - k|^2 / (2 sqrt(d)) that p_n has to follow
     d = C // nh
     allowed = torch.ones(X.size(1), X.size(1), dtype=torch.bool).tril()
@@ -189,7 +216,7 @@ def poly_table():
     base = val_loss(model, cfg, 'GK')
     rows = []
     for n in poly_degrees:
-        diffs = [(attend(q, k, v, f'GKpoly-{n}') - ref).abs() for (q, k, v), ref in zip(qkvs, refs)]
+        diffs = [(attend(q, k, v, 'GKpoly', n) - ref).abs() for (q, k, v), ref in zip(qkvs, refs)]
         loss = val_loss(model, cfg, f'GKpoly-{n}')
         rows.append([f"GKpoly-{n}", f"{max(x.max().item() for x in diffs):.3e}",
                      f"{sum(x.mean().item() for x in diffs) / len(diffs):.3e}", f"{loss:.4f}", f"{loss - base:+.2g}"])

@@ -62,14 +62,18 @@ def read_text(path, flag):
              f"convert it, e.g. iconv -t utf-8")
 
 
-def _check(key, value, defaults, source):
+def _check(key, value, defaults, source, optional=()):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see the globals at the top of the script"
         fail(f"unknown config key '{key}' ({source}){hint}")
     want = defaults[key]
-    if want is None or value is None:
-        return value  # None defaults (e.g. an optional limit) take any literal
+    if want is None:
+        return value  # a None default (an optional limit, or 'auto') takes any literal
+    if value is None and key not in optional:
+        fail(f"config key '{key}' cannot be None; it wants a {type(want).__name__} like {want!r} ({source})")
+    if value is None:
+        return value
     if isinstance(want, float) and type(value) is int:
         return float(value)  # --learning_rate=1 is fine for a float
     if type(value) is not type(want):
@@ -77,8 +81,9 @@ def _check(key, value, defaults, source):
     return value
 
 
-def configure(g, argv=None):
-    """Apply sys.argv[1:] (or argv) to the dict g (a script's globals()); returns the dict of overridden keys."""
+def configure(g, argv=None, optional=()):
+    """Apply sys.argv[1:] (or argv) to the dict g (a script's globals()); returns the dict of overridden keys.
+    A value must have its default's type; None only where the default is None or the key is in `optional`."""
     defaults = {k: v for k, v in g.items()
                 if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))
                 and not callable(v)}
@@ -97,7 +102,7 @@ def configure(g, argv=None):
             for k, v in scope.items():
                 if k.startswith('_') or type(v).__name__ == 'module' or callable(v):
                     continue  # the file's own imports and helpers
-                g[k] = changed[k] = _check(k, v, defaults, path)
+                g[k] = changed[k] = _check(k, v, defaults, path, optional)
         else:
             if '=' not in arg:
                 fail(f"flag '{arg}' needs a value: --key=value")
@@ -108,5 +113,5 @@ def configure(g, argv=None):
                 value = raw  # a bare word: take it as a string
             if isinstance(defaults.get(key), str) and not isinstance(value, str):
                 value = raw  # --out_dir=123 or --init_from=gpt2 stay strings
-            g[key] = changed[key] = _check(key, value, defaults, arg)
+            g[key] = changed[key] = _check(key, value, defaults, arg, optional)
     return changed

@@ -12,26 +12,78 @@ The directory gets config.json, model.safetensors and, for GPT-2 BPE models, the
 Our model is GPT-2's architecture, so the mapping is exact: Linear weights are transposed back to
 HF's Conv1D layout, the padded embedding rows are dropped, a bias=False model gets zero biases
 (a zero bias is no bias). Only softmax attention (attn_type 'SM') exists in HF GPT-2.
-The export is built in a temporary directory and renamed into place when complete.
+The export is built in a temporary directory and renamed into place when complete. It also writes
+export_manifest.json, the sha256 of every file it wrote: an existing --export_dir is replaced only when
+that manifest shows it is an earlier, unchanged export holding nothing else; any other directory is refused.
 """
 
+import hashlib
 import json
 import os
 import shutil
 
 import torch
 
-from configurator import configure, fail
+from configurator import configure, fail, writable_dir
 from runtime import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # reads out_dir/ckpt.pt
-export_dir = ''  # where the HF directory goes ('' means out_dir/hf)
+export_dir = ''  # where the HF directory goes (left out: out_dir/hf)
 # -----------------------------------------------------------------------------
-configure(globals())
-export_dir = export_dir or os.path.join(out_dir, 'hf')
+given = configure(globals())
+if not out_dir:
+    fail("--out_dir is empty; give the run's directory, e.g. --out_dir=out")
+if 'export_dir' not in given:
+    export_dir = os.path.join(out_dir, 'hf')
+writable_dir(export_dir, '--export_dir')
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+MANIFEST = 'export_manifest.json'  # {'written_by': 'export.py', 'files': {name: sha256}}: what an export may delete
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def not_an_export(path):
+    """why the existing directory path must not be replaced ('' when it may): only an earlier export of this script,
+    unchanged and holding nothing else, may go, so that no file of the user's is ever deleted"""
+    if os.path.islink(path):
+        return "it is a symbolic link"
+    names = sorted(os.listdir(path))
+    try:
+        with open(os.path.join(path, MANIFEST), encoding='utf-8') as f:
+            manifest = json.load(f)
+        written = manifest['files'] if manifest.get('written_by') == 'export.py' else None
+    except (OSError, ValueError, AttributeError, KeyError):
+        written = None
+    some = lambda ns: ', '.join(ns[:3]) + (', ...' if len(ns) > 3 else '')
+    if names and not isinstance(written, dict):
+        return f"it holds {some(names)}, with no {MANIFEST} saying export.py wrote them"
+    names = [n for n in names if n != MANIFEST]
+    if others := [n for n in names if n not in written]:
+        return f"it holds {some(others)}, which export.py did not write"
+
+    def unchanged(name):
+        full = os.path.join(path, name)
+        try:
+            return os.path.isfile(full) and not os.path.islink(full) and sha256(full) == written[name]
+        except OSError:
+            return False
+    if changed := [n for n in names if not unchanged(n)]:
+        return f"{some(changed)} changed since it was exported"
+    return ''
+
+
+def refuse_export_dir(reason):
+    fail(f"--export_dir={export_dir} exists and is not an earlier export that can be replaced ({reason}); "
+         f"export elsewhere with --export_dir=NEW_DIR, or move what you want to keep out of it and delete it yourself")
+
+
+if os.path.isdir(export_dir) and (reason := not_an_export(export_dir)):
+    refuse_export_dir(reason)
 
 
 def byte_to_unicode():
@@ -79,9 +131,6 @@ args = ckpt['model_args']
 if args.get('attn_type', 'SM') != 'SM':
     fail(f"attn_type '{args['attn_type']}' cannot be exported: Hugging Face GPT-2 only has softmax attention "
          f"('SM'), so it would load this model's weights but compute something else")
-if os.path.isfile(export_dir) or (os.path.isdir(export_dir) and os.listdir(export_dir)
-                                  and not os.path.isfile(os.path.join(export_dir, 'config.json'))):
-    fail(f"export_dir {export_dir} exists and is not an earlier export; pick another --export_dir")
 try:
     from transformers import GPT2Config, GPT2LMHeadModel
 except ImportError:
@@ -148,16 +197,38 @@ try:
     if not bpe:
         with open(os.path.join(tmp, 'char_vocab.json'), 'w', encoding='utf-8') as f:
             json.dump({'vocab_size': V, 'itos': meta.get('itos')}, f, ensure_ascii=False)
+    files = {n: sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
+        json.dump({'written_by': 'export.py', 'checkpoint': os.path.abspath(os.path.join(out_dir, 'ckpt.pt')),
+                   'iter_num': ckpt.get('iter_num'), 'files': files}, f, indent=1)
 except Exception as e:
     shutil.rmtree(tmp, ignore_errors=True)
     fail(f"could not write the export to {tmp}: {type(e).__name__}: {str(e)[:200]}")
 
-# swap the finished directory into place; an earlier export is replaced only now
+# swap the finished directory into place. An earlier export is replaced only now, after a second look (the export
+# may have taken a while), and of it only the files its manifest lists are deleted
 old = f"{export_dir.rstrip(os.sep)}.old.{os.getpid()}"
-if os.path.isdir(export_dir):
-    os.replace(export_dir, old)
-os.replace(tmp, export_dir)
-shutil.rmtree(old, ignore_errors=True)
+written = []
+if os.path.lexists(export_dir):
+    if not os.path.isdir(export_dir) or (reason := not_an_export(export_dir)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        refuse_export_dir(reason if os.path.isdir(export_dir) else "it is not a directory")
+    if os.path.isfile(os.path.join(export_dir, MANIFEST)):
+        written = [*json.load(open(os.path.join(export_dir, MANIFEST), encoding='utf-8'))['files'], MANIFEST]
+try:
+    if os.path.lexists(export_dir):
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+except OSError as e:
+    fail(f"could not move the finished export {tmp} to {export_dir}: {e}")
+if os.path.isdir(old):
+    for name in os.listdir(old):
+        if name in written and os.path.isfile(os.path.join(old, name)):
+            os.remove(os.path.join(old, name))
+    try:
+        os.rmdir(old)
+    except OSError:
+        print(f"note: files appeared in {export_dir} during the export; they are kept in {old}")
 
 print(f"exported {os.path.join(out_dir, 'ckpt.pt')} (iter {ckpt.get('iter_num')}, "
       f"{sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params, max logit diff {diff:.1e}) to {export_dir}")

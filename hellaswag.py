@@ -9,6 +9,9 @@ Each example is a context and 4 candidate endings. Every ending is appended to t
 (" " + ending, GPT-2 BPE) and the model's cross-entropy on the ending's tokens is measured:
   acc_norm: the ending with the lowest AVERAGE per-token loss wins (the usual nanoGPT / llm.c figure)
   acc:      the ending with the lowest SUM of losses wins
+  acc_char: the lowest sum divided by the ending's length in characters: lm-evaluation-harness's acc_norm is
+            normalised this way (by characters, not tokens), and lm-eval also rewrites the context (it cleans
+            WikiHow markup and joins ctx_a / ctx_b itself), so its figures and ours differ by a point or so
 Several examples go through one forward pass, right-padded to the longest row; attention is causal,
 so the padding after a row's last token cannot change what the model predicts inside it.
 
@@ -25,7 +28,7 @@ import urllib.request
 import torch
 from torch.nn import functional as F
 
-from configurator import configure, fail
+from configurator import configure, fail, read_text, writable_dir
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 
@@ -44,11 +47,11 @@ _enc = None
 
 
 def encoder():
-    """GPT-2's BPE, loaded once (r50k_base is GPT-2's tokenizer under the name tiktoken caches offline)"""
+    """GPT-2's BPE, loaded once"""
     global _enc
     if _enc is None:
-        import tiktoken
-        _enc = tiktoken.get_encoding('r50k_base')
+        from runtime import gpt2_encoding
+        _enc = gpt2_encoding()
     return _enc
 
 
@@ -57,6 +60,7 @@ def download(data_dir):
     path = os.path.join(data_dir, 'hellaswag_val.jsonl')
     if os.path.isfile(path):
         return path
+    writable_dir(data_dir, 'the HellaSwag data_dir')
     os.makedirs(data_dir, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -75,22 +79,21 @@ def load_examples(limit=None, data_dir=data_dir):
     """The validation examples as dicts (ctx, endings, label, ...), the first `limit` of them if set."""
     path = download(data_dir)
     examples = []
-    with open(path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                ok = (isinstance(ex['ctx'], str) and isinstance(ex['endings'], list) and len(ex['endings']) == 4
-                      and all(isinstance(e, str) for e in ex['endings']) and ex['label'] in (0, 1, 2, 3))
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                fail(f"{path}:{lineno} is not a HellaSwag example (wants ctx, 4 endings, label 0-3); "
-                     f"delete the file to download it again")
-            examples.append(ex)
+    for lineno, line in enumerate(read_text(path, 'HellaSwag data').splitlines(), 1):
+        if limit is not None and len(examples) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            ok = (isinstance(ex['ctx'], str) and isinstance(ex['endings'], list) and len(ex['endings']) == 4
+                  and all(isinstance(e, str) for e in ex['endings']) and ex['label'] in (0, 1, 2, 3))
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            fail(f"{path}:{lineno} is not a HellaSwag example (wants ctx, 4 endings, label 0-3); "
+                 f"delete the file to download it again")
+        examples.append(ex)
     if not examples:
         fail(f"{path} holds no examples; delete it to download it again")
     return examples
@@ -111,9 +114,10 @@ def render(example, block_size):
 
 
 @torch.no_grad()
-def ending_losses(model, device, examples, batch_size=8, ctx=contextlib.nullcontext(), progress=False):
+def ending_losses(model, device, examples, batch_size=8, ctx=contextlib.nullcontext(), progress=False, forwards=0):
     """(avg, total): float64 tensors (len(examples), 4), the mean and the sum of the per-token cross-entropy
-    over each ending's tokens. One forward pass per batch_size examples, no loop over tokens."""
+    over each ending's tokens. One forward pass per batch_size examples, no loop over tokens. forwards: run at
+    least this many forward passes, repeating a batch and discarding it (FSDP needs every process in every one)."""
     raw = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     block_size = getattr(raw, '_orig_mod', raw).config.block_size
     was_training = raw.training
@@ -122,14 +126,18 @@ def ending_losses(model, device, examples, batch_size=8, ctx=contextlib.nullcont
     rendered = [render(ex, block_size) for ex in examples]
     # examples of similar length share a batch, so little of the compute goes to padding
     order = sorted(range(len(examples)), key=lambda i: max(len(r) for r in rendered[i][0]))
-    starts = range(0, len(examples), batch_size)
+    starts = list(range(0, len(examples), batch_size))
+    starts += [0] * (forwards - len(starts))  # padding passes: the first batch again (the same numbers again)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, unit='batch', desc='hellaswag')
     for start in starts:
         ids = order[start:start + batch_size]
-        rows = [r for i in ids for r in rendered[i][0]]
-        n_end = [n for i in ids for n in rendered[i][1]]
+        # a short last batch is padded with copies of its last example: every forward has batch_size * 4 rows,
+        # so a compiled model sees only the length change (one dynamic graph) and CUDA graphs can be reused
+        padded = ids + ids[-1:] * (min(batch_size, len(examples)) - len(ids))
+        rows = [r for i in padded for r in rendered[i][0]]
+        n_end = [n for i in padded for n in rendered[i][1]]
         T = max(len(r) for r in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)  # pad token 0: only ever after a row's end
         scored = torch.zeros(len(rows), T, dtype=torch.bool)  # position t predicts token t + 1
@@ -146,54 +154,56 @@ def ending_losses(model, device, examples, batch_size=8, ctx=contextlib.nullcont
         row_of = scored.nonzero(as_tuple=True)[0]
         sums = torch.zeros(len(rows), device=losses.device).index_add_(0, row_of, losses).cpu().double()
         counts = scored.sum(1).clamp(min=1).cpu()
-        total[ids] = sums.view(-1, 4)
-        avg[ids] = (sums / counts).view(-1, 4)
+        total[ids] = sums.view(-1, 4)[:len(ids)]
+        avg[ids] = (sums / counts).view(-1, 4)[:len(ids)]
     raw.train(was_training)
     return avg, total
 
 
 def evaluate(model, device, examples, batch_size=8, ctx=contextlib.nullcontext(), rank=0, world_size=1,
              progress=False):
-    """{'acc_norm', 'acc', 'n'} over examples. Each rank scores examples[rank::world_size]; with torch.distributed
-    initialised the counts are summed over ranks, so every rank returns the same global result."""
-    mine = examples[rank::world_size]
-    avg, total = ending_losses(model, device, mine, batch_size, ctx, progress)
+    """{'acc_norm', 'acc', 'acc_char', 'n'} over examples. Each rank scores examples[rank::world_size], every rank
+    running as many forward passes (FSDP gathers weights in each); with torch.distributed initialised the counts
+    are summed over ranks, so every rank returns the same global result."""
+    mine = examples[rank::world_size] or examples[:1]  # a rank with nothing to score still joins every forward
+    forwards = -(-len(examples[0::world_size]) // batch_size) if world_size > 1 else 0
+    avg, total = ending_losses(model, device, mine, batch_size, ctx, progress, forwards)
+    if not examples[rank::world_size]:
+        mine, avg, total = [], avg[:0], total[:0]
     labels = torch.tensor([ex['label'] for ex in mine], dtype=torch.long)
-    counts = torch.tensor([len(mine), (avg.argmin(1) == labels).sum().item(), (total.argmin(1) == labels).sum().item()],
-                          dtype=torch.long, device=device)
+    chars = torch.tensor([[len(' ' + e) for e in ex['endings']] for ex in mine], dtype=torch.float64).view(-1, 4)
+    counts = torch.tensor([len(mine), (avg.argmin(1) == labels).sum().item(), (total.argmin(1) == labels).sum().item(),
+                           ((total / chars).argmin(1) == labels).sum().item()], dtype=torch.long, device=device)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-    n, correct_norm, correct = counts.tolist()
+    n, correct_norm, correct, correct_char = counts.tolist()
     if n == 0:
         raise ValueError("no HellaSwag examples to evaluate")
-    return {'acc_norm': correct_norm / n, 'acc': correct / n, 'n': n}
+    return {'acc_norm': correct_norm / n, 'acc': correct / n, 'acc_char': correct_char / n, 'n': n}
 
 
 if __name__ == '__main__':
     configure(globals())
-    from runtime import autocast, load_model, pick_device, pick_dtype
+    from runtime import autocast, load_model, pick_compile, pick_device, pick_dtype
 
     if batch_size < 1:
         fail(f"batch_size must be a positive integer, got {batch_size}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         fail(f"limit must be a positive integer or None, got {limit!r}")
     device = pick_device(device)
-    device_type = torch.device(device).type
-    dtype = pick_dtype(dtype, device_type)
-    try:
-        encoder()
-    except Exception as e:
-        fail(f"could not load GPT-2's BPE (tiktoken r50k_base; offline, set TIKTOKEN_CACHE_DIR to a cache that has "
-             f"it): {type(e).__name__}: {str(e)[:120]}")
+    dtype = pick_dtype(dtype, device)
+    compile = pick_compile(compile, device)
+    encoder()
     model, ckpt = load_model(init_from, out_dir, device)
     if ckpt is not None and ckpt.get('meta') is not None:
         fail(f"HellaSwag needs a GPT-2 BPE model; {os.path.join(out_dir, 'ckpt.pt')} is a character-level model")
     if model.config.vocab_size < encoder().n_vocab:
         fail(f"HellaSwag needs a GPT-2 BPE model (vocab >= {encoder().n_vocab}); this one has {model.config.vocab_size}")
     examples = load_examples(limit, data_dir)
-    if compile:
+    if compile:  # one graph for the first length, one dynamic graph for all the others
         model = torch.compile(model)
     t0 = time.time()
-    res = evaluate(model, device, examples, batch_size, autocast(device_type, dtype), progress=True)
+    res = evaluate(model, device, examples, batch_size, autocast(device.type, dtype), progress=True)
     dt = time.time() - t0
-    print(f"acc_norm {res['acc_norm']:.4f}  acc {res['acc']:.4f}  n {res['n']}  ({res['n'] / dt:.1f} examples/s)")
+    print(f"acc_norm {res['acc_norm']:.4f}  acc {res['acc']:.4f}  acc_char {res['acc_char']:.4f}  n {res['n']}  "
+          f"({res['n'] / dt:.1f} examples/s)")

@@ -3,8 +3,9 @@ One self-contained GPT-2 language model, nanoGPT style.
 
 - learned positions, pre-LayerNorm blocks, tanh-GELU MLP (as GPT-2), tied embedding / LM head
 - attention through scaled_dot_product_attention (flash where the device has it), plus the
-  attention variants of `attn_type` below, each with a naive reference kept for the tests
-- generate() with a preallocated KV cache
+  attention variants of `attn_type` below (naive references of each live in tests/reference.py)
+- generate(): a static KV cache written in place, the prompt prefilled at once, then one token per step by a
+  function that has the same shapes at every position, so it can be compiled once (CUDA graphs on GPUs)
 - from_pretrained() for the OpenAI checkpoints or any local Hugging Face GPT-2 directory
 
 Attention variants (`attn_type`), for query i and causal window j <= i, d = head size:
@@ -54,20 +55,18 @@ def gk_poly(s, n):
     return (1 + s.clamp(min=-n) / n) ** n
 
 
-def causal_mask(Tq, Tk, device):
+def causal_mask(Tq, Tk, device=None):
     """(Tq, Tk) bool, True where query i (at absolute position Tk - Tq + i) may see key j"""
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
 
 
-def attend(q, k, v, attn_type, dropout_p=0.0):
-    """Fast attention. q: (B, nh, Tq, d); k, v: (B, nh, Tk, d), Tk >= Tq; queries are the last Tq positions."""
-    kind, arg = parse_attn_type(attn_type)
-    Tq, Tk, d = q.size(-2), k.size(-2), q.size(-1)
-    # SDPA's is_causal aligns the mask top-left, so it is only right when Tq == Tk; one query sees everything
-    mask = None if Tq == 1 or Tq == Tk else causal_mask(Tq, Tk, q.device)
-    is_causal = Tq == Tk and Tq > 1
+def attend(q, k, v, kind, arg=None, mask=None, dropout_p=0.0):
+    """Fast attention. q: (B, nh, Tq, d); k, v: (B, nh, Tk, d); (kind, arg) from parse_attn_type.
+    mask None: the causal square (Tq == Tk), which SDPA's flash kernels take as is_causal. Otherwise a
+    (Tq, Tk) bool mask, True where a query may look (the KV cache's rows: keys up to each query's position)."""
+    d = q.size(-1)
     if kind == 'SM':
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
     if kind == 'GK':
         # one extra dimension turns the Gaussian kernel into softmax attention; CUDA's flash kernels want the
         # head size padded to a multiple of 8 (zeros change no dot product), the CPU kernel is faster without
@@ -76,11 +75,11 @@ def attend(q, k, v, attn_type, dropout_p=0.0):
         ka = torch.cat([k, -0.5 * k.pow(2).sum(-1, keepdim=True), k.new_zeros(*k.shape[:-1], pad)], dim=-1)
         va = F.pad(v, (0, pad + 1))
         y = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=is_causal, scale=1.0 / math.sqrt(d))
+                                           is_causal=mask is None, scale=1.0 / math.sqrt(d))
         return y[..., :d]
     # the polynomial and pointwise forms have no fused kernel: one matmul for the scores, one for the output
     qk = q @ k.transpose(-2, -1)
-    allowed = causal_mask(Tq, Tk, q.device)
+    allowed = causal_mask(q.size(-2), k.size(-2), q.device) if mask is None else mask
     if kind == 'GKpoly':
         s = (2 * qk - q.pow(2).sum(-1, keepdim=True) - k.pow(2).sum(-1).unsqueeze(-2)) / (2 * math.sqrt(d))
         w = gk_poly(s, arg).masked_fill(~allowed, 0.0)
@@ -92,24 +91,20 @@ def attend(q, k, v, attn_type, dropout_p=0.0):
     return w @ v
 
 
-def attend_reference(q, k, v, attn_type):
-    """Naive, materialised version of every variant straight from its formula; the tests compare attend() to it."""
-    kind, arg = parse_attn_type(attn_type)
-    Tq, Tk, d = q.size(-2), k.size(-2), q.size(-1)
-    allowed = causal_mask(Tq, Tk, q.device)
-    if kind == 'SM':
-        w = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~allowed, float('-inf')), dim=-1)
-    elif kind in ('GK', 'GKpoly'):
-        s = -((q.unsqueeze(-2) - k.unsqueeze(-3)) ** 2).sum(-1) / (2 * math.sqrt(d))  # (B, nh, Tq, Tk)
-        if kind == 'GK':
-            w = torch.softmax(s.masked_fill(~allowed, float('-inf')), dim=-1)  # = exp(s) / sum exp(s)
-        else:
-            w = gk_poly(s, arg).masked_fill(~allowed, 0.0)
-            w = w / (w.sum(-1, keepdim=True) + 1e-6)
-    else:
-        w = PA_ACTIVATIONS[arg](q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~allowed, 0.0)
-        w = w / allowed.sum(-1, keepdim=True)
-    return w @ v
+class KVCache(nn.Module):
+    """Keys and values of every position so far, (B, n_head, block_size, head_size), allocated once and written in
+    place at the positions being decoded: every decode step has the same shapes, so one compiled graph serves all."""
+
+    def __init__(self, shape, dtype, device):
+        super().__init__()
+        # zeros, not empty: a masked slot gets weight 0, and 0 * NaN from uninitialised memory would still be NaN
+        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class CausalSelfAttention(nn.Module):
@@ -121,22 +116,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.attn_type = config.attn_type
-        self.reference = False  # tests flip this to run attend_reference instead of the fast path
+        self.kind, self.arg = parse_attn_type(config.attn_type)  # resolved once, not on every call
+        self.cache = None  # a KVCache while generating (GPT.setup_caches)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, pos=None, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # write this step's keys/values into the preallocated buffers, attend to all so far
-            k_buf, v_buf, pos = cache
-            k_buf[:B, :, pos:pos + T] = k
-            v_buf[:B, :, pos:pos + T] = v
-            k, v = k_buf[:B, :, :pos + T], v_buf[:B, :, :pos + T]
-        if self.reference:
-            y = attend_reference(q, k, v, self.attn_type)
-        else:
-            y = attend(q, k, v, self.attn_type, self.dropout if self.training else 0.0)
+        if pos is not None:  # decoding: store this step's keys / values, attend over the whole cache under mask
+            k, v = self.cache.update(pos, k, v)
+        y = attend(q, k, v, self.kind, self.arg, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -163,8 +152,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,6 +195,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # True: keep only block inputs, recompute the rest in backward
+        self.register_buffer('causal_mask', None, persistent=False)  # set with the KV caches (setup_caches)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith('c_proj.weight'):
@@ -226,29 +216,39 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, caches=None, pos=0):
+    def forward(self, idx, targets=None, pos=None):
         """idx (B, T) -> (logits, loss). With targets: logits for every position and the mean cross-entropy
         (targets of -1 are ignored). Without: only the last position's logits, loss None.
-        caches/pos: KV-cache buffers from new_caches() and the absolute position of idx[:, 0]."""
+        pos: None for a causal pass over positions 0..T-1 (training, evaluation); while generating, a (T,) tensor
+        of the absolute positions of idx, whose keys and values go into the KV cache (setup_caches)."""
         B, T = idx.size()
-        if pos + T > self.config.block_size:
-            raise ValueError(f"cannot forward {pos + T} positions, block_size is only {self.config.block_size}")
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"cannot forward {T} positions, block_size is only {self.config.block_size}")
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
+            mask = None
+        else:
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            mask = self.causal_mask[pos]  # (T, block_size): the keys each query may see, stale slots masked out
         x = self.transformer.drop(x)
         # activation checkpointing: keep one (B, T, C) input per block instead of all its intermediates, for ~1/3 more compute
-        recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer.h):
+        recompute = self.activation_checkpointing and pos is None and torch.is_grad_enabled()
+        for block in self.transformer.h:
             if recompute:  # non-reentrant: the RNG is replayed, so dropout masks match the first pass
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, None if caches is None else (*caches[i], pos))
+                x = block(x, pos, mask)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """final LayerNorm, LM head and loss; a method of its own so that FSDP runs can compile it (train.py)"""
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None:
             logits = self.lm_head(x)[..., :V]  # a strided view, no copy: the padded columns are never scored
             loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return self.lm_head(x[:, [-1], :])[..., :V], None
+        return self.lm_head(x[:, -1:, :])[..., :V], None
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
@@ -264,50 +264,71 @@ class GPT(nn.Module):
         bad = set(override_args) - {'dropout', 'attn_type'}
         if bad:
             raise ValueError(f"from_pretrained can only override dropout and attn_type, not {sorted(bad)}")
-        from transformers import GPT2LMHeadModel  # imported here: only needed for this
+        from transformers import AutoConfig, GPT2LMHeadModel  # imported here: only needed for this
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # no config warnings or progress bars: errors are ours to report
         hf_logging.disable_progress_bar()
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
+            hc = AutoConfig.from_pretrained(name_or_path)
+            if hc.model_type != 'gpt2':  # checked before the weights: GPT2LMHeadModel would load it as random ones
+                raise ValueError(f"{name_or_path} is a '{hc.model_type}' model, not a GPT-2; this repo's GPT only "
+                                 f"loads GPT-2 weights")
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        except OSError as e:
             raise OSError(f"could not load GPT-2 weights {name_or_path!r}: not a local model directory, and the "
                           f"hub is unreachable or the name is unknown ({str(e).splitlines()[0][:160]})") from None
-        hc = hf.config
-        unsupported = {'scale_attn_by_inverse_layer_idx': getattr(hc, 'scale_attn_by_inverse_layer_idx', False),
+        buffers = ('.attn.bias', '.attn.masked_bias')  # causal-mask buffers that older transformers saved
+        problems = [f"missing {k}" for k in sorted(info['missing_keys'])]
+        problems += [f"unexpected {k}" for k in sorted(info['unexpected_keys']) if not k.endswith(buffers)]
+        problems += [f"mismatched {m[0] if isinstance(m, tuple) else m}" for m in info['mismatched_keys']]
+        unsupported = {'scale_attn_weights=False': not getattr(hc, 'scale_attn_weights', True),
+                       'scale_attn_by_inverse_layer_idx': getattr(hc, 'scale_attn_by_inverse_layer_idx', False),
                        'reorder_and_upcast_attn': getattr(hc, 'reorder_and_upcast_attn', False),
-                       'tie_word_embeddings': not getattr(hc, 'tie_word_embeddings', True),
-                       'layer_norm_epsilon': hc.layer_norm_epsilon != 1e-5,
-                       'activation_function': hc.activation_function not in ('gelu_new', 'gelu_pytorch_tanh'),
-                       'n_inner': hc.n_inner not in (None, 4 * hc.n_embd)}
-        if any(unsupported.values()):  # this GPT is exactly GPT-2: anything else would load silently wrong
-            raise ValueError(f"{name_or_path}: not a standard GPT-2 (unsupported config: "
-                             f"{', '.join(k for k, v in unsupported.items() if v)})")
+                       'add_cross_attention': getattr(hc, 'add_cross_attention', False),
+                       'tie_word_embeddings=False': not getattr(hc, 'tie_word_embeddings', True),
+                       f'layer_norm_epsilon={hc.layer_norm_epsilon}': hc.layer_norm_epsilon != 1e-5,
+                       f'activation_function={hc.activation_function}':
+                           hc.activation_function not in ('gelu_new', 'gelu_pytorch_tanh'),
+                       f'n_inner={hc.n_inner}': hc.n_inner not in (None, 4 * hc.n_embd)}
+        problems += [k for k, v in unsupported.items() if v]
+        if problems:  # this GPT is exactly GPT-2: anything else would load or compute silently wrong
+            raise ValueError(f"{name_or_path}: not a standard GPT-2 this model computes identically ("
+                             f"{', '.join(problems[:3])}{', ...' if len(problems) > 3 else ''})")
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
                            n_head=hc.n_head, n_embd=hc.n_embd, bias=True, **override_args)
         model = cls(config)
         sd = model.state_dict()
         conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith(buffers)}
+        if set(hf_sd) != set(sd):
+            raise ValueError(f"{name_or_path}: its GPT-2 weights do not map onto this model "
+                             f"({sorted(set(hf_sd) ^ set(sd))[:3]})")
         with torch.no_grad():
-            for k, v in hf.state_dict().items():
-                if k.endswith('.attn.bias') or k.endswith('.attn.masked_bias'):
-                    continue  # causal-mask buffers of older transformers versions
-                if k not in sd:
-                    raise ValueError(f"{name_or_path}: unexpected weight {k}")
+            for k, v in hf_sd.items():
                 if k.endswith(conv1d):
                     v = v.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
                 sd[k][:v.shape[0]].copy_(v)  # [:rows] leaves the vocab padding of wte / lm_head untouched
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
-        """AdamW; decay only matrices (Linear and embedding weights), never biases or LayerNorm gains.
-        fused=None: fused where the device has it."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, muon_lr=None,
+                             muon_momentum=0.95):
+        """A list of optimizers. AdamW decays only matrices (Linear and embedding weights), never biases or LayerNorm
+        gains. With muon_lr: Muon takes the 2-D weights inside the blocks (attention and MLP projections; it
+        orthogonalises each update, which needs whole matrices) and AdamW keeps the embeddings, the head (tied to
+        them), LayerNorms and biases. fused=None: fused AdamW where the device has it."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in named if muon_lr and p.dim() == 2 and n.startswith('transformer.h.')]
+        rest = [p for n, p in named if all(p is not q for q in hidden)]
+        groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
         # fused AdamW is one kernel for all params on cuda and cpu (and skips a step on device via found_inf)
         fused = device_type in ('cuda', 'cpu') if fused is None else fused
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if hidden:
+            # decoupled decay of lr * weight_decay per step: scaled so a matrix shrinks as fast as under AdamW
+            optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
+                                               weight_decay=weight_decay * learning_rate / muon_lr))
+        return optimizers
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s (PaLM appendix B count) over peak_flops; None if peak unknown."""
@@ -317,42 +338,113 @@ class GPT(nn.Module):
         achieved = flops_per_token * T * fwdbwd_per_iter / dt
         return achieved / peak_flops if peak_flops else None
 
-    def new_caches(self, batch_size, device=None, dtype=None):
-        """Preallocated (k, v) buffers, (B, n_head, block_size, head_size) per layer, for generate()."""
+    def setup_caches(self, batch_size, dtype=None):
+        """KV caches of batch_size x block_size in every attention layer (dtype: the weights' by default), and the
+        causal mask they are read through. Kept until clear_caches(), so later calls reuse them (and any CUDA graph
+        recorded on them); a call with the same shape and dtype is a no-op."""
         cfg, w = self.config, self.lm_head.weight
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        return [(torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype),
-                 torch.empty(shape, device=device or w.device, dtype=dtype or w.dtype)) for _ in range(cfg.n_layer)]
+        dtype = dtype or w.dtype
+        first = self.transformer.h[0].attn.cache
+        if first is not None and first.k.shape == shape and first.k.dtype == dtype and first.k.device == w.device:
+            return
+        for block in self.transformer.h:
+            block.attn.cache = KVCache(shape, dtype, w.device)
+        self.causal_mask = causal_mask(cfg.block_size, cfg.block_size, w.device)
+
+    def clear_caches(self):
+        """free the KV caches (training never needs them)"""
+        for block in self.transformer.h:
+            block.attn.cache = None
+        self.causal_mask = None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, caches=None):
-        """Sample max_new_tokens after idx (B, T). With the KV cache each new token costs one position's work.
-        When the context fills block_size, it slides: the window restarts from the last block_size // 2
-        tokens (absolute positions change, so the cache is rebuilt from them). use_cache=False runs the same
-        windows without a cache, recomputing everything each token; both give the same tokens.
-        temperature 0 means greedy (argmax)."""
-        block = self.config.block_size
-        start = max(0, idx.size(1) - block)  # first token of the current window
-        pos = 0  # tokens of the window already in the cache
-        if use_cache and caches is None:
-            caches = self.new_caches(idx.size(0), dtype=torch.get_autocast_dtype(idx.device.type)
-                                     if torch.is_autocast_enabled(idx.device.type) else None)
-        for _ in range(max_new_tokens):
-            if idx.size(1) - start > block:  # full: slide the window, the cache must be rebuilt
-                start, pos = idx.size(1) - max(1, block // 2), 0
-            if use_cache:
-                logits, _ = self(idx[:, start + pos:], caches=caches, pos=pos)
-                pos = idx.size(1) - start
-            else:
-                logits, _ = self(idx[:, start:])
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, compile=False,
+                 stop_token=None, on_token=None):
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. With the cache (default) the prompt is
+        prefilled in one forward and then each token costs one position's work; compile=True runs the two steps
+        compiled (see compiled_steps). When the context fills block_size it slides: the window restarts from the
+        last block_size // 2 tokens (absolute positions change, so those are prefilled again). use_cache=False runs
+        the same windows recomputing everything; it gives the same tokens. stop_token: stop once every row has
+        produced it (checked every 16 tokens; the caller cuts each row there). on_token(ids (B, 1)) is called with
+        every new token, for streaming. Returns (B, T + tokens generated)."""
+        B, T0 = idx.shape
+        block, V, device = self.config.block_size, self.config.vocab_size, idx.device
+        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)  # no per-token concatenation
+        out[:, :T0] = idx
+        if use_cache:
+            autocast = torch.is_autocast_enabled(device.type)
+            self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None)
+        prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
+        start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
+        done = torch.zeros(B, 1, dtype=torch.bool, device=device)
+        t = T0
+        while t < T0 + max_new_tokens:
+            if t - start > block:  # full: slide the window, rebuild the cache from the kept half
+                start, cached = t - max(1, block // 2), 0
+            noise = None if temperature == 0 else torch.empty(B, V, device=device).exponential_()
+            if not use_cache:
+                logits, _ = self(out[:, start:t])
+                nxt = sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
+            elif t - start - cached == 1:  # one new token: the decode step, at the same shapes for every position
+                nxt = decode_fn(self, out[:, t - 1:t], torch.full((1,), t - 1 - start, device=device),
+                                noise, temperature, top_k, top_p)
+            else:  # the prompt, or a slid window: all its tokens in one forward
+                nxt = prefill_fn(self, out[:, start + cached:t], torch.arange(cached, t - start, device=device),
+                                 noise, temperature, top_k, top_p)
+            cached = t - start
+            out[:, t] = nxt[:, 0]  # copied out at once: a CUDA graph's output is overwritten by its next replay
+            t += 1
+            if on_token is not None:
+                on_token(out[:, t - 1:t])
+            if stop_token is not None:
+                done |= nxt == stop_token
+                if (t - T0) % 16 == 0 and done.all():  # the only host sync, every 16 tokens
+                    break
+        return out[:, :t]
+
+
+def sample_logits(logits, noise, temperature, top_k=None, top_p=None):
+    """(B, V) logits -> (B, 1) next ids. temperature 0: argmax. Otherwise a sample from softmax(logits / temperature),
+    cut to the top_k tokens and / or the smallest set whose probability reaches top_p, drawn as argmax(p / noise)
+    with noise ~ Exp(1) per entry (the exponential race: exact, no host sync, no RNG inside a compiled graph, so
+    the compiled and eager paths draw the same tokens from the same noise)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0 before dividing: no overflow to inf
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float('inf'))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the set before this token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return (probs / noise).argmax(-1, keepdim=True)
+
+
+def prefill(model, idx, pos, noise, temperature, top_k, top_p):
+    """several tokens at positions pos into the cache (the prompt, or a slid window); the next token after them"""
+    logits, _ = model(idx, pos=pos)
+    return sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
+
+
+def decode_one(model, idx, pos, noise, temperature, top_k, top_p):
+    """one token (B, 1) at position pos (a 1-element tensor): the same shapes at every position"""
+    logits, _ = model(idx, pos=pos)
+    return sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
+
+
+_compiled = {}
+
+
+def compiled_steps(device_type):
+    """prefill compiled for any prompt length, decode_one compiled once for every position (with CUDA graphs on
+    CUDA: a decode step is dozens of small kernels, and replaying them as one graph removes their launch cost).
+    Two separate functions, so each keeps its own compiled code. The first call of each pays the compilation."""
+    if device_type not in _compiled:
+        _compiled[device_type] = (
+            torch.compile(prefill, fullgraph=True, dynamic=True),
+            torch.compile(decode_one, fullgraph=True, mode='reduce-overhead' if device_type == 'cuda' else 'default'))
+    return _compiled[device_type]

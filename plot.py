@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from configurator import configure, fail
+from configurator import configure, fail, read_text, writable_file
 
 # -----------------------------------------------------------------------------
 logs = 'out/log.jsonl'  # comma-separated list of log.jsonl files, one curve each
@@ -26,42 +26,52 @@ references = True  # draw the reference lines
 # -----------------------------------------------------------------------------
 configure(globals())
 
-paths = [p.strip() for p in logs.split(',') if p.strip()]
-if not paths:
+paths = [p.strip() for p in logs.split(',')]
+if not any(paths):
     fail("no logs given; use --logs=out/log.jsonl[,other/log.jsonl]")
-for name, v in (('gpt2_hellaswag', gpt2_hellaswag), ('gpt3_hellaswag', gpt3_hellaswag),
-                ('gpt2_val_loss', gpt2_val_loss)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        fail(f"{name} must be a number or None, got {v!r}")
+if '' in paths:
+    fail(f"--logs={logs} has an empty entry (entry {paths.index('') + 1}); separate the log files with single commas")
+if len({os.path.abspath(p) for p in paths}) < len(paths):
+    fail(f"--logs={logs} names the same log twice; give each run's log.jsonl once")
+for name, v, ok, want in (('gpt2_hellaswag', gpt2_hellaswag, lambda v: 0 <= v <= 1, 'an accuracy in [0, 1]'),
+                          ('gpt3_hellaswag', gpt3_hellaswag, lambda v: 0 <= v <= 1, 'an accuracy in [0, 1]'),
+                          ('gpt2_val_loss', gpt2_val_loss, lambda v: 0 < v < math.inf, 'a positive loss')):
+    if v is not None and (type(v) not in (int, float) or not ok(v)):
+        fail(f"--{name} must be {want} or None, got {v!r}")
+writable_file(out, '--out')
 if not out.lower().endswith('.png'):
-    fail(f"out must be a .png file, got '{out}'")
+    fail(f"--out={out} must be a .png file; e.g. --out=plot.png")
 
 
 def read_log(path):
     """the records of one log.jsonl; a last line cut short (a run still writing) is skipped"""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         fail(f"no log at {path}; train with logging on, or point --logs at a run's log.jsonl")
-    with open(path, encoding='utf-8') as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    raw = read_text(path, '--logs').split('\n')
+    lines = [(i, line) for i, line in enumerate(raw, 1) if line.strip()]
     records = []
     for k, (lineno, line) in enumerate(lines):
         try:
             rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get('iter'), int):
+            if not isinstance(rec, dict) or type(rec.get('iter')) is not int:
                 raise ValueError('no integer iter')
         except ValueError as e:
-            if k == len(lines) - 1 and not line.endswith('\n'):
+            if k == len(lines) - 1 and lineno == len(raw):  # no newline after it yet
                 continue
             fail(f"{path}:{lineno} is not a log record ({str(e)[:80]})")
         records.append(rec)
     if not records:
         fail(f"{path} is empty: no records logged yet")
+    if not any(key in r for r in records for key in ('loss', 'train_loss', 'val_loss', 'hellaswag')):
+        fail(f"{path} has no record with a loss, train_loss, val_loss or hellaswag key; "
+             f"is it a log.jsonl written by train.py?")
     return records
 
 
 def series(records, key):
     """(iters, values) of the records where key was measured"""
-    pts = [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    pts = [(r['iter'], r[key]) for r in records
+           if type(r.get(key)) in (int, float) and math.isfinite(r[key])]  # type(): a bool is an int, not a value
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -130,8 +140,7 @@ for ax, title, ylabel, has_points, empty in (
 fig.tight_layout()
 
 # write next to the target, then rename: a reader never sees half a PNG
-if os.path.dirname(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 tmp = f"{out}.tmp.{os.getpid()}"
 try:
     fig.savefig(tmp, format='png', dpi=100)

@@ -1,7 +1,11 @@
 """
-What every script needs around the model: picking the device and dtype, the peak FLOP/s the MFU is
-measured against, writing checkpoints atomically, reading them safely, and loading a model from a
-checkpoint or from GPT-2 weights.
+What every script needs around the model: the hardware decisions (device, dtype, GradScaler, compile, peak
+FLOP/s), writing checkpoints atomically and reading them safely, loading a model from a checkpoint or from
+GPT-2 weights, and reading batches from the memmapped token files.
+
+The decisions are small pure functions of the facts (requested setting, ranks, visible GPUs, GPU name,
+compute capability), so the tests run them over every hardware case on a CPU; the pick_* wrappers only
+read the facts off this machine and call them.
 """
 
 import contextlib
@@ -14,44 +18,167 @@ import torch
 from configurator import fail
 from model import GPT, GPTConfig
 
-# dense bf16 peak FLOP/s by device name, so MFU is measured against the GPU actually used
-# (first match wins, so the PCIe / NVL H100s come before the SXM one)
-PEAK_BF16_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12,
-                   'L40S': 362e12, 'A10G': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12}
+# FSDP2's public fully_shard, torch.accelerator and torch.get_autocast_dtype all exist from 2.6 on
+MIN_TORCH = (2, 6)
+if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
+    fail(f"this repo needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}; "
+         f"pip install -U torch (on a CPU-only machine: pip install torch==2.13.0)")
+
+# dense tensor-core peaks by GPU name: (bf16, fp16, tf32 / fp32) FLOP/s, None where the GPU has no such unit.
+# First match wins, so the PCIe / NVL H100s come before the SXM one and L40S before L4. GeForce figures are
+# with float32 accumulation, which is what PyTorch's matmuls use.
+PEAK_FLOPS = {'B200': (2250e12, 2250e12, 1100e12), 'H200': (989e12, 989e12, 494e12),
+              'H100 PCIe': (756e12, 756e12, 378e12), 'H100 NVL': (835e12, 835e12, 418e12),
+              'H100': (989e12, 989e12, 494e12), 'A100': (312e12, 312e12, 156e12), 'L40S': (362e12, 362e12, 183e12),
+              'L4': (121e12, 121e12, 60e12), 'RTX 4090': (165e12, 165e12, 82.6e12),
+              'RTX 3090': (71e12, 71e12, 35.6e12), 'V100': (None, 125e12, 15.7e12), 'T4': (None, 65e12, 8.1e12)}
 
 
-def pick_device(device):
-    """'auto' -> cuda, else mps, else cpu. Anything else must be a device torch knows and has.
-    On CUDA it also lets float32 matmuls use TF32 tensor cores (what is left outside bf16 autocast)."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+# -- the decisions (pure: every hardware case is a test on a CPU) -----------------------------------------
+
+def choose_device(requested, local_rank=0, local_world_size=None, world_size=1, n_cuda=0, has_mps=False):
+    """The one device of this process, as a torch.device with an index on CUDA. local_world_size is the number of
+    processes on this node if the launcher says (torchrun does), None if unknown. Raises ValueError with the fix."""
+    if requested == 'auto':
+        requested = 'cuda' if n_cuda else 'mps' if has_mps else 'cpu'
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        fail(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
-    if kind == 'cuda' and not torch.cuda.is_available():
-        fail(f"device '{device}' asked for but CUDA is not available here; use --device=auto or --device=cpu")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        fail(f"device '{device}' asked for but MPS is not available here; use --device=auto or --device=cpu")
-    if kind not in ('cpu', 'cuda', 'mps'):
-        fail(f"unsupported device '{device}'; use auto, cpu, cuda, cuda:N or mps")
-    if kind == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == 'cpu':
+        return torch.device('cpu')
+    if device.type == 'mps':
+        if not has_mps:
+            raise ValueError(f"device '{requested}' asked for but MPS is not available here; use --device=auto or cpu")
+        if world_size > 1:
+            raise ValueError("several processes on MPS are not supported (gloo cannot reduce MPS tensors); "
+                             "run one process, or use --device=cpu")
+        return torch.device('mps')
+    if device.type != 'cuda':
+        raise ValueError(f"unsupported device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
+    if n_cuda == 0:
+        raise ValueError(f"device '{requested}' asked for but CUDA is not available here; use --device=auto or cpu")
+    if device.index is not None:  # an explicit GPU
+        if device.index >= n_cuda:
+            raise ValueError(f"device '{requested}' but only {n_cuda} GPU(s) are visible (cuda:0..cuda:{n_cuda - 1}); "
+                             f"pick one of those or check CUDA_VISIBLE_DEVICES")
+        if world_size > 1 and local_world_size != 1:
+            raise ValueError(f"--device={requested} would put every process of this node on one GPU; under torchrun "
+                             f"or srun use --device=cuda and each process takes the GPU of its local rank")
+        return device
+    if world_size == 1:
+        return torch.device('cuda', 0)
+    if local_world_size is not None and local_world_size > n_cuda:
+        raise ValueError(f"{local_world_size} processes on this node but only {n_cuda} GPU(s) visible; start at most "
+                         f"{n_cuda} (--nproc_per_node={n_cuda})")
+    if n_cuda == 1:  # srun --gpus-per-task=1 (or one process per node): each process sees only its own GPU
+        return torch.device('cuda', 0)
+    if local_rank >= n_cuda:
+        raise ValueError(f"local rank {local_rank} but only {n_cuda} GPU(s) visible; start at most {n_cuda} "
+                         f"processes per node")
+    return torch.device('cuda', local_rank)
+
+
+def choose_dtype(requested, device_type, bf16_native=True):
+    """'auto' -> bfloat16 where the device computes it natively, float16 on older GPUs (V100, T4: with a GradScaler,
+    see grad_scaler), float32 on CPU and on MPS without bf16. bf16_native: the device has bf16 units (not emulation)."""
+    if requested == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if bf16_native else 'float16'
+        return 'bfloat16' if device_type == 'mps' and bf16_native else 'float32'
+    if requested not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"unsupported dtype '{requested}'; use auto, float32, bfloat16 or float16")
+    if requested == 'float16' and device_type == 'cpu':
+        raise ValueError("dtype float16 is for GPUs; on cpu use float32 or bfloat16")
+    if requested == 'bfloat16' and not bf16_native and device_type == 'mps':
+        raise ValueError("this Mac's MPS has no bfloat16 (needs macOS 14+); use float32")
+    return requested
+
+
+def choose_compile(requested, device_type, capability=None):
+    """torch.compile or not: None (auto) = on for CUDA GPUs that Triton supports (compute capability 7.0+), off on
+    CPU and MPS, where compiling costs more than it saves for most runs (measured in docs/BENCHMARKS.md)."""
+    triton_ok = device_type == 'cuda' and capability is not None and tuple(capability) >= (7, 0)
+    if requested is None:
+        return triton_ok
+    if requested not in (True, False):
+        raise ValueError(f"compile must be True, False or None (auto), got {requested!r}")
+    if requested and device_type == 'cuda' and not triton_ok:
+        raise ValueError(f"torch.compile needs a GPU of compute capability 7.0 or newer (this one: {capability}); "
+                         f"use --compile=False")
+    return requested
+
+
+def grad_scaler(device_type, dtype, sharded=False):
+    """loss scaling only for float16 (its range underflows small gradients); the sharded scaler agrees on inf/NaN
+    across processes, each of which sees only its shard"""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device_type, enabled=dtype == 'float16')
+    return torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+
+def peak_flops(gpu_name, dtype):
+    """dense peak FLOP/s of this GPU for dtype (float32 counts TF32, which pick_device turns on), or None:
+    CPU, MPS, an unknown GPU, or a dtype the GPU has no unit for. MFU is then not shown."""
+    if not gpu_name:
+        return None
+    column = {'bfloat16': 0, 'float16': 1, 'float32': 2}[dtype]
+    return next((peaks[column] for name, peaks in PEAK_FLOPS.items() if name in gpu_name), None)
+
+
+# -- reading the facts off this machine -----------------------------------------------------------------
+
+def pick_device(requested):
+    """choose_device with this process's launcher variables and visible hardware; the device is made current
+    (so every later CUDA call without an index lands on it) and float32 matmuls may use TF32 there."""
+    env = os.environ
+    try:
+        device = choose_device(requested, int(env.get('LOCAL_RANK', 0)),
+                               int(env['LOCAL_WORLD_SIZE']) if 'LOCAL_WORLD_SIZE' in env else None,
+                               int(env.get('WORLD_SIZE', 1)), torch.cuda.device_count(),
+                               torch.backends.mps.is_available())
+    except ValueError as e:
+        fail(str(e))
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision('high')  # TF32 for what autocast leaves in float32
     return device
 
 
-def pick_dtype(dtype, device_type):
-    """'auto' -> bfloat16 where the device has it, else float16 on cuda (with a GradScaler), float32 on cpu."""
-    if dtype == 'auto':
-        if device_type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        return 'bfloat16' if device_type == 'mps' else 'float32'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        fail(f"unsupported dtype '{dtype}'; use auto, float32, bfloat16 or float16")
-    if dtype == 'float16' and device_type == 'cpu':
-        fail("dtype float16 is not supported for training on cpu; use float32 or bfloat16")
-    return dtype
+def bf16_native(device):
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # the default counts slow emulation
+    if device.type == 'mps':
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return True
+
+
+def pick_dtype(requested, device):
+    try:
+        return choose_dtype(requested, device.type, bf16_native(device))
+    except ValueError as e:
+        fail(str(e))
+
+
+def pick_compile(requested, device):
+    try:
+        return choose_compile(requested, device.type,
+                              torch.cuda.get_device_capability(device) if device.type == 'cuda' else None)
+    except ValueError as e:
+        fail(str(e))
+
+
+def device_peak_flops(device, dtype):
+    return peak_flops(torch.cuda.get_device_name(device) if device.type == 'cuda' else None, dtype)
+
+
+def sync(device):
+    """wait for the device's queued work (timing needs it; CPU work is already done)"""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
 
 
 def autocast(device_type, dtype):
@@ -61,55 +188,74 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def peak_flops(device):
-    """dense bf16 peak of this GPU from PEAK_BF16_FLOPS, or None (cpu, mps, unknown GPU: MFU is not shown)"""
-    if torch.device(device).type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
+# -- checkpoints ------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path):
-    """torch.save to a temp name, fsync, then rename: a crash at any moment leaves the old file or the new one."""
+    """torch.save to a temp name, fsync, then rename: a crash at any moment leaves the old file or the new one.
+    A failed write (disk full) removes the temp file and raises OSError with one line saying why."""
     folder, name = os.path.split(os.path.abspath(path))
     for stale in os.listdir(folder):  # temp files of writers that were killed mid-write
         if stale.startswith(name + '.tmp.'):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, stale))
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError chained to the OSError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0][:160]
+        raise OSError(f"could not write {path} ({reason}); the previous file there is unchanged") from None
     with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts, never arbitrary pickles."""
+    """torch.load with weights_only=True (tensors, numbers, strings, lists and dicts, never arbitrary pickles) and
+    mmap=True (tensors are paged in from the file when used, not all read into RAM by every process)."""
+    if os.path.isdir(path):
+        fail(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first, or point --out_dir at the run's directory")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            first = "it holds Python objects that are not plain data, which could run code when loaded"
         fail(f"checkpoint {path} is corrupt, truncated or unsafe and was refused ({first})")
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        fail(f"checkpoint {path} is not one of this repo's checkpoints (no model / model_args)")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        fail(f"{path} is not a checkpoint of this repo (no model / model_args dicts in it)")
+    if 'attn_type' not in ckpt['model_args']:
+        fail(f"{path} looks like a nanoGPT checkpoint (its model_args have no attn_type); this repo's model differs "
+             f"(tanh GELU, padded vocabulary), so it is not loaded: train here, or export it to Hugging Face format "
+             f"and use --init_from=that_directory")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, override_args=None):
-    """GPT built from a checkpoint's model_args (plus overrides such as dropout) with its weights loaded."""
+def model_from_checkpoint(ckpt, override_args=None, source='the checkpoint'):
+    """GPT built from a checkpoint's model_args (plus overrides such as dropout) with its weights loaded; weights
+    that do not fit the model_args (missing, extra or of another shape) are refused in one line."""
     args = dict(ckpt['model_args'], **(override_args or {}))
     try:
         model = GPT(GPTConfig(**args))
     except (TypeError, ValueError) as e:
-        fail(f"checkpoint model args are invalid: {e}")
+        fail(f"{source}: its model args are invalid ({e})")
     sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+    want = model.state_dict()
+    problems = [f"missing {k}" for k in want if k not in sd] + [f"unexpected {k}" for k in sd if k not in want]
+    problems += [f"{k} has shape {tuple(sd[k].shape)}, model_args give {tuple(v.shape)}"
+                 for k, v in want.items() if k in sd and sd[k].shape != v.shape]
+    if problems:
+        fail(f"{source}: its weights do not fit its model_args ({problems[0]}"
+             f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); was it written by this repo?")
     model.load_state_dict(sd)
     return model
 
@@ -119,8 +265,9 @@ def load_model(init_from, out_dir, device, override_args=None):
     goes through from_pretrained. Returns (model in eval mode on device, checkpoint dict or None)."""
     ckpt = None
     if init_from == 'resume':
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-        model = model_from_checkpoint(ckpt, override_args)
+        path = os.path.join(out_dir, 'ckpt.pt')
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, override_args, path)
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         try:
             model = GPT.from_pretrained(init_from, override_args)
@@ -132,12 +279,24 @@ def load_model(init_from, out_dir, device, override_args=None):
     return model.eval().to(device), ckpt
 
 
+def gpt2_encoding():
+    """GPT-2's BPE: tiktoken's r50k_base (the same ranks as its 'gpt2', under the name its offline cache holds)"""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('r50k_base')
+    except Exception as e:  # offline without a cache: a chain of connection errors
+        fail(f"could not load GPT-2's BPE (tiktoken r50k_base: {type(e).__name__}); it is downloaded once, so "
+             f"offline set TIKTOKEN_CACHE_DIR to a folder holding its cache (see the README's offline set-up)")
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (every process is rank 0 outside torchrun)"""
     if int(os.environ.get('RANK', 0)) == 0:
         print(*args, **kwargs)
         sys.stdout.flush()
 
+
+# -- batches ----------------------------------------------------------------------------------------------
 
 def draw_offsets(generator, n_tokens, block_size, n_micro, batch_size, rank=0, world_size=1):
     """Start offsets of n_micro micro-batches of batch_size windows (block_size + 1 tokens each) in n_tokens,

@@ -9,7 +9,9 @@ Shard weights, gradients and optimizer state over the processes (FSDP2) instead 
 $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=True
 Under Slurm, srun can start the processes itself (one task per GPU; export MASTER_ADDR and MASTER_PORT):
 $ srun --ntasks-per-node=8 python train.py config/train_gpt2.py
-Every global below can be set by a config file or a --key=value flag (see configurator.py).
+Every global below can be set by a config file or a --key=value flag (see configurator.py). The file reads top to
+bottom: settings, checks, processes and devices, data, model, optimizer, checkpoints, evaluation and learning-rate
+schedule, the loop. The hardware decisions themselves (which GPU, dtype, compile, peak FLOP/s) are in runtime.py.
 """
 
 import json
@@ -19,28 +21,31 @@ import random
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, fail
+from configurator import configure, fail, writable_dir
 from model import GPT, GPTConfig
-from runtime import (autocast, draw_offsets, load_checkpoint, model_from_checkpoint, peak_flops, pick_device,
-                     pick_dtype, print0, read_batch, save_atomic)
+from runtime import (autocast, device_peak_flops, draw_offsets, gpt2_encoding, grad_scaler, load_checkpoint,
+                     model_from_checkpoint, pick_compile, pick_device, pick_dtype, print0, read_batch, save_atomic, sync)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
+overwrite = False  # let a fresh run replace the run already in out_dir (otherwise it refuses)
 eval_interval = 2000  # evaluate (and checkpoint) every this many steps
 log_interval = 1  # print a log line every this many steps (the only host sync in the loop)
 eval_iters = 200  # batches per split for the loss estimate
+eval_full = False  # val loss over every non-overlapping block of val.bin once (exact) instead of eval_iters random batches
 eval_only = False  # evaluate once and exit, writing nothing
-always_save_checkpoint = True  # checkpoint at every eval, not only when val loss improves
+always_save_checkpoint = True  # checkpoint at every eval; False: ckpt.pt keeps the best val loss, a stop saves ckpt_last.pt
 checkpoint_interval = 0  # also keep a copy every this many steps as ckpt_<step>.pt; 0 = never
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir), 'finetune' (finetune_from), 'gpt2*' or a local HF GPT-2 dir
 finetune_from = ''  # for init_from='finetune': run dir whose ckpt.pt to start from (default: out_dir)
@@ -48,7 +53,7 @@ finetune_from = ''  # for init_from='finetune': run dir whose ckpt.pt to start f
 wandb_log = False  # also log every metric to Weights & Biases (imported only then)
 wandb_project = 'owt'
 wandb_run_name = 'gpt2'
-sample_interval = 0  # every this many steps, print (and log) samples from the model; 0 = never
+sample_interval = 0  # every this many steps, print samples from the model; 0 = never
 sample_prompt = "Hello, I'm a language model,"
 sample_tokens = 32  # new tokens per sample
 num_samples = 4
@@ -69,8 +74,11 @@ dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
 bias = False  # bias in Linears and LayerNorms (GPT-2 had them; without is a bit better and faster)
 attn_type = 'SM'  # attention: SM, GK, GKpoly-<n>, PA_<act> (see model.py)
 activation_checkpointing = False  # recompute each block in backward: far less activation memory, ~1/3 more compute
-# AdamW
-learning_rate = 6e-4  # max learning rate
+# optimizer
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the weight matrices inside the blocks, AdamW for the rest
+learning_rate = 6e-4  # max learning rate (AdamW's)
+muon_lr = 0.02  # max learning rate of the Muon matrices (optimizer='muon'); the schedule scales it like learning_rate
+muon_momentum = 0.95
 max_iters = 600000  # total optimizer steps
 weight_decay = 1e-1
 beta1 = 0.9
@@ -83,37 +91,61 @@ warmup_iters = 2000
 lr_decay_iters = 600000  # ~= max_iters per Chinchilla
 min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
 # system
-backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+backend = 'auto'  # process-group backend: 'auto' = nccl on CUDA, gloo otherwise
 fsdp = False  # with several processes: shard the model over them (FSDP2) instead of DDP; not taken from a resumed run
-device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 where supported, float16 on older GPUs, float32 on cpu), or set one
-compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
+device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda' (under torchrun: the GPU of the local rank), 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where native, float16 + GradScaler on older GPUs, float32 on cpu), or set one
+compile = None  # torch.compile the model; None = on for CUDA GPUs that support it, off elsewhere
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 overrides = configure(globals())
-ckpt = None
+ckpt, ckpt_path = None, None
 if init_from == 'resume':  # continue with the run's own settings, except those given again here
-    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    ckpt_path = os.path.join(out_dir, 'ckpt_last.pt')  # only there when it is newer than ckpt.pt (see save_checkpoint)
+    ckpt_path = ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'config', 'sampler', 'rng') if k not in ckpt]
+    if missing:
+        fail(f"{ckpt_path} cannot be resumed (it has no {missing[0]}); start from its weights with "
+             f"--init_from=finetune --finetune_from={out_dir} and a new --out_dir")
     for k, v in ckpt['config'].items():
-        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir', 'fsdp'):
+        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir', 'fsdp', 'overwrite'):
             globals()[k] = v
 config = {k: globals()[k] for k in config_keys}  # everything this run was configured with, for the checkpoint
 
 # -- check the settings before anything is started or written -------------------
-for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
-    if not isinstance(globals()[name], int) or globals()[name] <= 0:
-        fail(f"{name} must be a positive integer, got {globals()[name]!r}")
-for name in ('learning_rate', 'min_lr'):
-    if globals()[name] < 0 or (name == 'learning_rate' and globals()[name] == 0):
-        fail(f"{name} must be positive, got {globals()[name]!r}")
-if max_iters < 0 or warmup_iters < 0 or lr_decay_iters <= 0:
-    fail("max_iters and warmup_iters must be >= 0 and lr_decay_iters > 0")
-if compile not in (None, True, False):
-    fail(f"compile must be True, False or None (auto), got {compile!r}")
+for name, least in (('batch_size', 1), ('block_size', 1), ('gradient_accumulation_steps', 1), ('eval_interval', 1),
+                    ('log_interval', 1), ('eval_iters', 1), ('max_bad_steps', 1), ('max_iters', 0), ('warmup_iters', 0),
+                    ('lr_decay_iters', 1), ('checkpoint_interval', 0), ('sample_interval', 0), ('sample_tokens', 1),
+                    ('num_samples', 1), ('hellaswag_interval', 0)):
+    if globals()[name] < least:
+        fail(f"{name} must be an integer >= {least}, got {globals()[name]!r}")
+for ok, what in ((learning_rate > 0, 'learning_rate must be positive'), (min_lr >= 0, 'min_lr must be >= 0'),
+                 (muon_lr > 0, 'muon_lr must be positive'), (0 <= muon_momentum < 1, 'muon_momentum must be in [0, 1)'),
+                 (weight_decay >= 0, 'weight_decay must be >= 0'), (grad_clip >= 0, 'grad_clip must be >= 0 (0 = off)'),
+                 (0 <= beta1 < 1 and 0 <= beta2 < 1, 'beta1 and beta2 must be in [0, 1)'),
+                 (0 <= seed < 2**31, 'seed must be in [0, 2**31)'),
+                 (hellaswag_limit is None or (isinstance(hellaswag_limit, int) and hellaswag_limit > 0),
+                  'hellaswag_limit must be a positive integer or None')):
+    if not ok:
+        fail(f"{what}; check the flag or config file that sets it")
+if optimizer not in ('adamw', 'muon'):
+    fail(f"unknown optimizer '{optimizer}'; use adamw or muon")
+if optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
+    fail(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+if optimizer == 'muon' and fsdp:
+    fail("optimizer='muon' orthogonalises each weight matrix's update, which needs the whole matrix, and FSDP shards "
+         "them: train with DDP (drop --fsdp) or use --optimizer=adamw")
 if init_from not in ('scratch', 'resume', 'finetune') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
     fail(f"unknown init_from '{init_from}'; use scratch, resume, finetune, gpt2, gpt2-medium, gpt2-large, "
          f"gpt2-xl or a local Hugging Face GPT-2 directory")
+if not eval_only:
+    writable_dir(out_dir, '--out_dir')
+    if init_from != 'resume' and not overwrite and any(os.path.exists(os.path.join(out_dir, f))
+                                                       for f in ('ckpt.pt', 'ckpt_last.pt')):
+        fail(f"out_dir '{out_dir}' already holds a run; continue it with --init_from=resume, or replace it with "
+             f"--overwrite=True (or choose another --out_dir)")
 
 # -- processes and devices ---------------------------------------------------------
 if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:  # srun without torchrun
@@ -122,50 +154,76 @@ if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:  # s
              "(MASTER_ADDR = the first node of the job)")
     os.environ.update(RANK=os.environ['SLURM_PROCID'], LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
                       WORLD_SIZE=os.environ['SLURM_NTASKS'])
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun (or srun)?
+    if os.environ.get('SLURM_NTASKS_PER_NODE', '').isdigit():
+        os.environ['LOCAL_WORLD_SIZE'] = os.environ['SLURM_NTASKS_PER_NODE']
+ddp = 'RANK' in os.environ  # launched by torchrun (or srun)?
 if fsdp and not ddp:
     fail("fsdp=True shards the model over several processes: launch with torchrun (or srun), or drop --fsdp")
-rank = int(os.environ.get('RANK', 0))
-local_rank = int(os.environ.get('LOCAL_RANK', 0))
-world_size = int(os.environ.get('WORLD_SIZE', 1))
-device = pick_device(device)
-if ddp and device == 'cuda':
-    device = f'cuda:{local_rank % torch.cuda.device_count()}'  # srun may show each task only its own GPU
-device_type = torch.device(device).type
-if device_type == 'cuda':
-    torch.cuda.set_device(device)
-dtype = pick_dtype(dtype, device_type)
-compile = (device_type == 'cuda') if compile is None else compile
+rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+master = rank == 0
+device = pick_device(device)  # a torch.device with the GPU index this process owns, made current
+device_type = device.type
+dtype = pick_dtype(dtype, device)
+compile = pick_compile(compile, device)
+backend = ('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend
+if backend == 'nccl' and device_type != 'cuda':
+    fail(f"backend nccl needs CUDA GPUs, and this run is on {device_type}; use --backend=auto (gloo)")
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
          f"processes ({world_size}); pick a multiple of {world_size}")
 accum_local = gradient_accumulation_steps // world_size  # micro-steps this process runs per step
-master = rank == 0
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if wandb_log and master and not eval_only:
     try:
         import wandb
     except ImportError:
         fail("wandb_log=True needs the wandb package (pip install wandb), or set --wandb_log=False")
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+    if os.environ.get('WANDB_MODE') not in ('offline', 'disabled', 'dryrun') and not os.environ.get('WANDB_API_KEY'):
+        try:
+            logged_in = wandb.login(prompt=False)
+        except Exception:
+            logged_in = True  # a key exists but could not be verified now: let wandb.init deal with it
+        if not logged_in:
+            fail("wandb_log=True but no W&B API key is set: run `wandb login` (or set WANDB_API_KEY), or log "
+                 "offline with WANDB_MODE=offline")
 
 # -- data: train.bin / val.bin are uint16 token ids, memmapped once ----------------------
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-if not all(os.path.isfile(os.path.join(data_dir, f)) for f in ('train.bin', 'val.bin')):
-    fail(f"dataset '{dataset}' is not prepared (no train.bin/val.bin in {data_dir}); "
-         f"run: python data/{dataset}/prepare.py")
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.isfile(path):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'prepare.py')
+        how = f"python data/{dataset}/prepare.py" if os.path.isfile(script) else \
+            f"python data/text/prepare.py --input=YOUR_FILES --name={dataset}"
+        fail(f"dataset '{dataset}' is not prepared (no {split}.bin in {data_dir}); run: {how}")
+    if os.path.getsize(path) % 2 or os.path.getsize(path) <= 2 * (block_size + 1):
+        fail(f"{path} has {os.path.getsize(path)} bytes: " + ("an odd size, so not uint16 token ids (cut short?); "
+             "re-run the dataset's prepare.py" if os.path.getsize(path) % 2 else
+             f"fewer tokens than one block ({block_size} + 1); use a smaller --block_size or more data"))
 meta_path = os.path.join(data_dir, 'meta.json')
-meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None  # char-level vocabulary, or None for BPE
+meta = None  # a char-level vocabulary, or None for GPT-2 BPE
+if os.path.exists(meta_path):
+    try:
+        meta = json.load(open(meta_path, encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"{meta_path} is not valid JSON ({e}); re-run the dataset's prepare.py")
+    if not (isinstance(meta, dict) and isinstance(meta.get('itos'), list) and meta.get('vocab_size') == len(meta['itos'])):
+        fail(f"{meta_path} must hold vocab_size and itos (the character vocabulary); re-run the dataset's prepare.py")
 splits = {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
-if hellaswag_interval and meta:
-    fail("hellaswag_interval needs a GPT-2 BPE model; this dataset is char-level: set --hellaswag_interval=0")
-for split, tokens in splits.items():
-    if len(tokens) <= block_size + 1:
-        fail(f"{split}.bin in {data_dir} has only {len(tokens)} tokens, fewer than one block ({block_size} + 1); "
-             f"use a smaller --block_size or more data")
-
-torch.manual_seed(seed)  # the same initial weights on every process
+if hellaswag_interval:  # examples (downloaded once) are checked now, before any file is touched
+    if meta:
+        fail("hellaswag_interval needs a GPT-2 BPE model; this dataset is char-level: set --hellaswag_interval=0")
+    import hellaswag
+    hellaswag_examples = hellaswag.load_examples(limit=hellaswag_limit, data_dir=hellaswag_dir or hellaswag.data_dir)
+if meta:  # text <-> ids for samples: the dataset's characters, or GPT-2's BPE
+    stoi = {c: i for i, c in enumerate(meta['itos'])}
+    encode, decode = (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: ''.join(meta['itos'][i] for i in ids))
+elif sample_interval:
+    enc = gpt2_encoding()
+    encode, decode = enc.encode_ordinary, enc.decode
 
 # -- the model -----------------------------------------------------------------
+torch.manual_seed(seed)  # the same initial weights on every process
 model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'attn_type')
 iter_num, best_val_loss = 0, 1e9
 try:
@@ -175,25 +233,31 @@ try:
         model = GPT(GPTConfig(**{k: globals()[k] for k in model_keys}))
     elif init_from in ('resume', 'finetune'):
         if init_from == 'finetune':
-            print0(f"finetuning from {finetune_from or out_dir}")
-            ckpt = load_checkpoint(os.path.join(finetune_from or out_dir, 'ckpt.pt'))
+            ckpt_path = os.path.join(finetune_from or out_dir, 'ckpt.pt')
+            print0(f"finetuning from {ckpt_path}")
+            ckpt = load_checkpoint(ckpt_path)
         args = ckpt['model_args']
         # the same weights: a shape flag that contradicts the checkpoint is a mistake (finetune may change attention)
         fixed = ('n_layer', 'n_head', 'n_embd', 'bias') + (('attn_type',) if init_from == 'resume' else ())
-        clash = [k for k in fixed if k in overrides and overrides[k] != args[k]]
+        clash = [(k, args[k]) for k in fixed if k in overrides and overrides[k] != args[k]]
         if init_from == 'resume' and block_size != args['block_size']:
-            clash.append('block_size')
+            clash.append(('block_size', args['block_size']))
+        if init_from == 'resume' and optimizer != ckpt['config'].get('optimizer', 'adamw'):
+            clash.append(('optimizer', ckpt['config'].get('optimizer', 'adamw')))
         if clash:
-            k = clash[0]
-            fail(f"--{k}={globals()[k]!r} conflicts with the checkpoint's {k}={args[k]!r}; drop the flag, "
-                 f"or start a new run with init_from='finetune' and a new out_dir")
-        model = model_from_checkpoint(ckpt, {'dropout': dropout,
-                                             'attn_type': attn_type if 'attn_type' in overrides else args['attn_type']})
+            fail(f"--{clash[0][0]}={globals()[clash[0][0]]!r} conflicts with the checkpoint's {clash[0][0]}="
+                 f"{clash[0][1]!r}; drop the flag, or start a new run with init_from='finetune' and a new out_dir")
+        model = model_from_checkpoint(ckpt, {'dropout': dropout, 'attn_type': attn_type if 'attn_type' in overrides
+                                             else args['attn_type']}, ckpt_path)
         if init_from == 'resume':
             iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     else:
         print0(f"initializing from OpenAI GPT-2 weights: {init_from}")
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
+        clash = [k for k in ('n_layer', 'n_head', 'n_embd', 'bias') if k in overrides and overrides[k] != getattr(model.config, k)]
+        if clash:
+            fail(f"--{clash[0]}={globals()[clash[0]]!r} conflicts with {init_from}'s {clash[0]}="
+                 f"{getattr(model.config, clash[0])!r}; a pretrained model's shape is fixed: drop the flag")
 except (ValueError, OSError) as e:
     fail(str(e))
 if block_size > model.config.block_size:
@@ -213,65 +277,49 @@ for split, tokens in splits.items():  # bad token ids: check the start of each f
              f"; re-run the dataset's prepare.py, or the data and the model don't belong together")
 model.to(device)
 
-# out_dir must be writable before any compute is spent; it is only created when the first record is written
-target = os.path.abspath(out_dir)
-while not os.path.exists(target):
-    target = os.path.dirname(target)
-if not eval_only and not (os.path.isdir(target) and os.access(target, os.W_OK)):
-    fail(f"out_dir '{out_dir}' cannot be written ({target} is not a writable directory); choose another --out_dir")
-
-if ddp:
-    dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
-if fsdp:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    # every process holds the full (identical) weights, loaded above; each keeps only its 1/world_size shard.
-    # Each block is a unit (its weights are gathered just for its forward / backward), then the root, which owns
-    # the embeddings, ln_f and the tied wte / lm_head weight: one parameter, sharded once, so it stays tied.
-    # Weights are gathered in `dtype` for compute; gradients are reduced and the shards kept in float32. autocast
-    # (ctx) stays on as without FSDP: it keeps softmax, layer norms and the loss in float32.
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    warnings.filterwarnings('ignore', message='FSDP2-wrapped module')  # its logits are a view; never changed in place
+# -- processes talk; the model is sharded (FSDP), compiled and wrapped (DDP), in that order ---------------
+if ddp:  # device_id binds the group to this process's GPU (and connects NCCL at once)
+    dist.init_process_group(backend, device_id=device if device_type == 'cuda' else None)
 raw_model = model  # the GPT itself (sharded under FSDP), whatever compile and DDP wrap around it below
+if fsdp:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if compile:  # per block and the head: dynamo does not trace into FSDP's hooks, so compiling the root covers neither
+        for block in model.transformer.h:
+            block.compile()
+        model.head = torch.compile(model.head)
+    # Each block is a unit (its weights are gathered just for its forward / backward), then the root, which owns the
+    # embeddings, ln_f and the tied wte / lm_head weight: one parameter, sharded once, so it stays tied. A block's
+    # weights are gathered in `dtype`; its input is not cast, so the residual stream stays float32 as under DDP with
+    # autocast, and the root keeps float32 weights that autocast casts for the head as under DDP. Gradients are
+    # reduced in float32. The one difference left from DDP: LayerNorm gains are rounded to `dtype` when gathered.
+    mesh = init_device_mesh(device_type, (world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, dtype),
+                                                                     reduce_dtype=torch.float32, cast_forward_inputs=False))
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+elif compile:
+    print0("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+if ddp and not fsdp:
+    model = DDP(model, device_ids=[device.index] if device_type == 'cuda' else None)
+ctx = autocast(device_type, dtype)
+peak = device_peak_flops(device, dtype)
 
-
-def param_names():
-    """the optimizer's parameters by name, in the order a plain optimizer state_dict numbers them 0, 1, ..."""
-    name = {p: n for n, p in raw_model.named_parameters()}
-    return [name[p] for group in optimizer.param_groups for p in group['params']]
-
-
-def fqn_optimizer_state(sd):
-    """plain optimizer state_dict (parameters numbered) -> keyed by name, as torch.distributed.checkpoint has it"""
-    names = param_names()
-    return {'state': {names[i]: v for i, v in sd['state'].items()},
-            'param_groups': [dict(g, params=[names[i] for i in g['params']]) for g in sd['param_groups']]}
-
-
-def plain_optimizer_state(sd):
-    """the inverse: checkpoints hold a plain optimizer's state_dict whether the run was sharded or not"""
-    index = {n: i for i, n in enumerate(param_names())}
-    return {'state': {index[n]: v for n, v in sd['state'].items()},
-            'param_groups': [dict(g, params=[index[n] for n in g['params']]) for g in sd['param_groups']]}
-
-
-# the optimizer is made after sharding: under FSDP it updates only this process's shards (DTensors)
+# -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
 # (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 uses the unfused one)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                       fused=False if fsdp and dtype == 'float16' else None)
-# loss scaling only for float16; the sharded scaler agrees on inf/NaN across processes (each sees only its shard)
-scaler = (ShardedGradScaler if fsdp else torch.amp.GradScaler)(device_type, enabled=(dtype == 'float16'))
+optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                            fused=False if fsdp and dtype == 'float16' else None,
+                                            muon_lr=muon_lr if optimizer == 'muon' else None, muon_momentum=muon_momentum)
+scaler = grad_scaler(device_type, dtype, sharded=fsdp)
 if init_from == 'resume':
-    if fsdp:  # every process read the whole checkpoint (above) and keeps its shard of the full optimizer state
-        set_optimizer_state_dict(raw_model, optimizer, fqn_optimizer_state(ckpt['optimizer']),
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(ckpt['optimizer'])
+    state = ckpt['optimizer']
+    if state['param_groups'] and isinstance((state['param_groups'][0]['params'] or [''])[0], int):
+        if fsdp:  # written by an earlier version: a plain state_dict, parameters numbered
+            fail(f"{ckpt_path} is in an older format: resume it once without --fsdp, then with it")
+        optimizers[0].load_state_dict(state)
+    else:  # keyed by parameter name, whole tensors: any world size, sharded or not, reads it
+        set_optimizer_state_dict(raw_model, optimizers, state, options=StateDictOptions(full_state_dict=fsdp))
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
 torch.manual_seed(seed + rank)  # dropout differs per process; the batches come from `sampler` below
@@ -291,15 +339,8 @@ if init_from == 'resume':  # exact resume: every generator where it was
         random.setstate((rng['python'][0], tuple(rng['python'][1]), None))
 ckpt = None  # free it
 
-if compile:
-    print0("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)  # under FSDP: the whole model, after sharding
-if ddp and not fsdp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-ctx = autocast(device_type, dtype)
-peak = peak_flops(device)
 
-
+# -- batches, evaluation, learning-rate schedule --------------------------------------------------------
 def get_batch(split, offsets):
     """tokens at the given start offsets -> x, y of shape (len(offsets), block_size) on the device"""
     try:
@@ -308,36 +349,40 @@ def get_batch(split, offsets):
         fail(f"{split}.bin in {data_dir} {e}; re-run the dataset's prepare.py or fix --dataset")
 
 
-def draw(split, n, generator):
-    """n micro-batches of start offsets from one shared draw; this process's share of them"""
-    return draw_offsets(generator, len(splits[split]), block_size, n, batch_size, rank, world_size)
-
-
-def all_mean(t):
-    """average a scalar tensor over processes (a no-op without DDP)"""
+def all_sum(t):
+    """sum a tensor over processes (a no-op in one process)"""
     if ddp:
         dist.all_reduce(t)
-        t /= world_size
     return t
+
+
+def eval_batches(split):
+    """[(start offsets, weight)] this process evaluates: eval_iters random batches (the same ones every eval), or with
+    eval_full every block of val.bin once. Every process gets as many batches (FSDP gathers weights in each forward,
+    so all take part in every one); padding batches have weight 0."""
+    if split == 'val' and eval_full:
+        blocks = torch.arange((len(splits['val']) - 1) // block_size) * block_size  # non-overlapping windows
+        mine, n = list(blocks[rank::world_size].split(batch_size)), -(-len(blocks[0::world_size]) // batch_size)
+    else:
+        mine = list(draw_offsets(torch.Generator().manual_seed(seed + 1), len(splits[split]), block_size, eval_iters,
+                                 batch_size, rank, world_size))
+        n = -(-eval_iters // world_size) if eval_iters >= world_size else eval_iters
+    return [(b, len(b)) for b in mine] + [(mine[-1] if mine else torch.zeros(1, dtype=torch.long), 0)] * (n - len(mine))
 
 
 @torch.no_grad()
 def estimate_loss():
-    """mean loss over eval_iters batches per split; the same batches every time, split across processes"""
+    """mean loss per split over eval_batches, split across processes; weighted by blocks, so exact for eval_full"""
     out = {}
     model.eval()
     for split in ('train', 'val'):
-        offsets = draw(split, eval_iters, torch.Generator().manual_seed(seed + 1))
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        # FSDP gathers weights in every forward, so all processes run as many as rank 0 (extras are not counted)
-        n = -(-eval_iters // world_size) if fsdp and eval_iters >= world_size else len(offsets)
-        for i in range(n):
-            X, Y = get_batch(split, offsets[min(i, len(offsets) - 1)])
+        for offsets, weight in eval_batches(split):
+            X, Y = get_batch(split, offsets)
             with ctx:
                 _, loss = model(X, Y)
-            if i < len(offsets):
-                total, count = total + loss.float(), count + 1
-        out[split] = (all_mean(total) / all_mean(count)).item()  # a mean over every batch, however they split
+            total, count = total + loss.float() * weight, count + weight
+        out[split] = (all_sum(total) / all_sum(count)).item()
     model.train()
     return out
 
@@ -354,6 +399,7 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+# -- checkpoints and the log ------------------------------------------------------------
 def rng_state():
     """this process's random generators, as plain tensors and lists (loadable with weights_only=True)"""
     np_state = np.random.get_state()
@@ -363,30 +409,34 @@ def rng_state():
             'python': [random.getstate()[0], list(random.getstate()[1])]}
 
 
-def save_checkpoint(name='ckpt.pt'):
-    """everything needed to continue exactly: weights, optimizer, scaler, step, every RNG, the sampler"""
+def save_checkpoint(name):
+    """everything needed to continue exactly: weights, optimizer (keyed by parameter name, whole tensors, the same file
+    with or without FSDP), scaler, step, every RNG, the sampler. ckpt_last.pt exists only while newer than ckpt.pt."""
     rngs = [None] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
-    if fsdp:  # gather the full weights and optimizer state onto rank 0's CPU: the same file as without FSDP
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(raw_model, options=options)
-        optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=options)
-        if master:
-            model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
-            optimizer_state = plain_optimizer_state(optimizer_state)
-    else:
-        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered to rank 0's CPU
+    model_state = get_model_state_dict(raw_model, options=options) if fsdp else raw_model.state_dict()
+    optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
     if master:
+        model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
         os.makedirs(out_dir, exist_ok=True)
-        save_atomic({'model': model_state, 'optimizer': optimizer_state,
-                     'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-                     'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                     'config': config, 'meta': meta, 'sampler': sampler.get_state(), 'rng': rngs,
-                     'bad_steps': int(bad_steps.item())}, os.path.join(out_dir, name))
+        try:
+            save_atomic({'model': model_state, 'optimizer': optimizer_state,
+                         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+                         'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                         'config': config, 'meta': meta, 'sampler': sampler.get_state(), 'rng': rngs,
+                         'bad_steps': int(bad_steps.item())}, os.path.join(out_dir, name))
+        except OSError as e:
+            fail(str(e))
+        if name == 'ckpt.pt' and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
+            os.remove(os.path.join(out_dir, 'ckpt_last.pt'))  # older now: resume must take ckpt.pt
         print(f"saved checkpoint at step {iter_num} to {os.path.join(out_dir, name)}")
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
 
 
 def log(record):
@@ -394,21 +444,10 @@ def log(record):
     full = {k: record.get(k) for k in ('iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm',
                                        'tokens_per_sec', 'mfu', 'time')}
     full['time'] = time.time()
-    os.makedirs(out_dir, exist_ok=True)
     with open(log_path, 'a') as f:
         f.write(json.dumps(full) + '\n')
     if wandb_log:
         wandb.log({k: v for k, v in full.items() if v is not None and k != 'iter'}, step=full['iter'])
-
-
-def encoder():
-    """text <-> ids for samples: the char vocabulary of the dataset, or GPT-2's BPE"""
-    if meta:
-        stoi = {c: i for i, c in enumerate(meta['itos'])}
-        return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: ''.join(meta['itos'][i] for i in ids))
-    import tiktoken
-    enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE
-    return enc.encode_ordinary, enc.decode
 
 
 # preemption: SIGTERM / SIGINT ask for a checkpoint at the next step boundary, then a clean exit
@@ -426,76 +465,83 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
-log_path = os.path.join(out_dir, 'log.jsonl')
-if master and not eval_only and os.path.exists(log_path):
-    # a resumed run drops the records past its checkpoint (those steps run again, and the eval at the checkpoint
-    # step is redone); a new run in an old out_dir starts a new log, as it will overwrite the checkpoint
-    kept = []
-    if init_from == 'resume':
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    if r['iter'] < iter_num or (r['iter'] == iter_num and r['val_loss'] is None):
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    pass  # a line cut short by a crash
+# every check has passed: only now are files touched
+if master and not eval_only:
+    os.makedirs(out_dir, exist_ok=True)
+    kept = []  # a resumed run keeps the log up to its checkpoint (later steps and the eval there run again)
+    if init_from == 'resume' and os.path.exists(log_path):
+        for line in open(log_path, encoding='utf-8', errors='replace'):
+            try:
+                r = json.loads(line)
+                if r['iter'] < iter_num or (r['iter'] == iter_num and r['loss'] is not None):
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash
+    elif os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
+        os.remove(os.path.join(out_dir, 'ckpt_last.pt'))  # a fresh run (--overwrite): the old stop point is not ours
     with open(log_path + '.tmp', 'w') as f:
         f.writelines(kept)
     os.replace(log_path + '.tmp', log_path)
-if hellaswag_interval:  # every process scores its share of the examples at each HellaSwag step
-    import hellaswag
-    hellaswag_examples = hellaswag.load_examples(limit=hellaswag_limit, data_dir=hellaswag_dir or hellaswag.data_dir)
-if wandb_log and master and not eval_only:
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    if wandb_log:
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 print0(f"tokens per step: {tokens_per_iter:,} ({world_size} process(es) x {accum_local} micro-steps x "
-       f"{batch_size} x {block_size}); device {device}, dtype {dtype}, compile {compile}")
+       f"{batch_size} x {block_size}); device {device}, dtype {dtype}, compile {compile}, optimizer {optimizer}")
 print0(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, attn_type {model_args['attn_type']}")
 
 # -- training loop ---------------------------------------------------------------------
-t_log, last_log_iter, local_loss = time.time(), iter_num, torch.zeros((), device=device)
+# dt, tokens/s and MFU cover only the steps timed in each window: evals, checkpoints, samples and the first step
+# (compilation) restart the window, so nothing untimed is credited to the steps around it
+t_window, steps_window, first_step = time.time(), 0, True
+last_log_iter, local_loss = iter_num, torch.zeros((), device=device)
 while True:
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    for opt, peak in zip(optimizers, (learning_rate, muon_lr)):  # Muon's peak is scaled as AdamW's is
+        for group in opt.param_groups:
+            group['lr'] = peak * lr / learning_rate
 
-    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
-        losses = estimate_loss()
-        record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr}
-        if hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters):
-            # under FSDP every process scores every example: each forward needs all of them (to gather weights)
-            hs = hellaswag.evaluate(raw_model, device, hellaswag_examples, ctx=ctx, rank=0 if fsdp else rank,
-                                    world_size=1 if fsdp else world_size)
-            record['hellaswag'] = hs['acc_norm']
-        print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
-               (f", hellaswag {record['hellaswag']:.4f}" if 'hellaswag' in record else ''))
+    do_eval = iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only
+    do_hellaswag = hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only)
+    if do_eval or do_hellaswag:
+        record = {'iter': iter_num, 'lr': lr}
+        if do_eval:
+            losses = estimate_loss()
+            record.update(train_loss=losses['train'], val_loss=losses['val'])
+        if do_hellaswag:  # every process scores its share (under FSDP, all take part in every forward)
+            record['hellaswag'] = hellaswag.evaluate(raw_model, device, hellaswag_examples, ctx=ctx, rank=rank,
+                                                     world_size=world_size)['acc_norm']
+        print0(f"step {iter_num}:" + (f" train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+                                      + (", every val block once" if eval_full else '') if do_eval else '') +
+               (f"{',' if do_eval else ''} hellaswag {record['hellaswag']:.4f}" if do_hellaswag else ''))
         if eval_only:
             break
         if master:
             log(record)
-        if iter_num > 0 and math.isfinite(losses['val']) and (losses['val'] < best_val_loss or always_save_checkpoint):
+        if do_eval and iter_num > 0 and math.isfinite(losses['val']) and (losses['val'] < best_val_loss
+                                                                            or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
-            save_checkpoint()
-        t_log = time.time()  # don't count evaluation in the step time
-    if checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num > 0 and not eval_only:
+            save_checkpoint('ckpt.pt')
+        t_window, steps_window = time.time(), 0
+    if checkpoint_interval and iter_num % checkpoint_interval == 0 and iter_num > 0:
         save_checkpoint(f'ckpt_{iter_num:06d}.pt')  # kept: resume from it by copying it to ckpt.pt
-        t_log = time.time()
+        t_window, steps_window = time.time(), 0
     if iter_num >= max_iters:
         break
     if sample_interval and iter_num % sample_interval == 0 and (master or fsdp):  # FSDP: all generate, rank 0 prints
-        encode, decode = encoder()
         x = torch.tensor([encode(sample_prompt) or [0]] * num_samples, dtype=torch.long, device=device)
         raw_model.eval()
         with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
             torch.manual_seed(seed + iter_num)  # sampling must not move the training RNG (exact resume)
             y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50)
+        raw_model.clear_caches()
         raw_model.train()
         for i in range(num_samples if master else 0):
             print(f"sample {i}: {decode(y[i].tolist())!r}")
+        t_window, steps_window = time.time(), 0
 
     # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP / FSDP
-    batches = draw('train', gradient_accumulation_steps, sampler)
+    batches = draw_offsets(sampler, len(splits['train']), block_size, gradient_accumulation_steps, batch_size, rank,
+                           world_size)
     X, Y = get_batch('train', batches[0])
     for micro_step in range(accum_local):
         last = micro_step == accum_local - 1
@@ -509,48 +555,59 @@ while True:
                 X, Y = get_batch('train', batches[micro_step + 1])  # prefetch while the device computes
             scaler.scale(loss).backward()
         local_loss += loss.detach().float()
-    scaler.unscale_(optimizer)
+    for opt in optimizers:
+        scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     if fsdp:
         grad_norm = grad_norm.full_tensor()  # a replicated DTensor: the norm over all shards, the same everywhere
     finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())  # loss too: a NaN loss can give NaN grads
     bad_steps = torch.where(finite, torch.zeros_like(bad_steps), bad_steps + 1)
     if scaler.is_enabled():
-        scaler.step(optimizer)  # skips non-finite steps itself
+        for opt in optimizers:
+            scaler.step(opt)  # skips non-finite steps itself
         scaler.update()
-    elif optimizer.defaults.get('fused'):
-        optimizer.found_inf = (~finite).float()  # fused AdamW skips the update on device: no host sync
-        optimizer.step()
+    elif len(optimizers) == 1 and optimizers[0].defaults.get('fused'):
+        optimizers[0].found_inf = (~finite).float()  # fused AdamW skips the update on device: no host sync
+        optimizers[0].step()
     elif finite.item():
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     iter_num += 1
+    steps_window += 1
+    if first_step:  # the first step compiles (and warms the allocator): not a step time
+        sync(device)
+        t_window, steps_window, first_step = time.time(), 0, False
 
     if iter_num % log_interval == 0 or (stop_requested and not ddp):  # processes agree at log steps
         stop = torch.tensor(float(stop_requested), device=device)
         if ddp:  # every process must agree to stop at the same step
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        lossf = all_mean(local_loss / (iter_num - last_log_iter)).item()
+        lossf = (all_sum(local_loss) / (world_size * (iter_num - last_log_iter))).item()  # waits for the device
         n_bad = int(bad_steps.item())
-        dt = (time.time() - t_log) / (iter_num - last_log_iter)
-        mfu = raw_model.estimate_mfu(batch_size * accum_local, dt, peak)
-        tps = tokens_per_iter / dt
+        dt = (time.time() - t_window) / steps_window if steps_window else None
+        mfu = raw_model.estimate_mfu(batch_size * accum_local, dt, peak) if dt else None
+        tps = tokens_per_iter / dt if dt else None
         if master:
-            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | norm {grad_norm.item():.2f} | dt {dt * 1000:.2f}ms"
-                  f" | {tps / block_size:,.1f} samples/s | {tps:,.0f} tok/s | " +
-                  (f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a") + (f" | skipped {n_bad}" if n_bad else ''))
+            timing = (f"dt {dt * 1000:.2f}ms | {tps / block_size:,.1f} samples/s | {tps:,.0f} tok/s | " +
+                      (f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a")) if dt else "dt n/a (untimed)"
+            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | norm {grad_norm.item():.2f} | {timing}" +
+                  (f" | skipped {n_bad}" if n_bad else ''))
             log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': grad_norm.item(), 'tokens_per_sec': tps,
                  'mfu': mfu})
         if n_bad >= max_bad_steps:
-            print0(f"error: {n_bad} steps in a row had a non-finite loss or gradient norm; stopping. The last good "
-                   f"checkpoint is in {out_dir}; try a lower --learning_rate, --grad_clip, or dtype float32",
-                   file=sys.stderr)
+            saved = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+            print0(f"error: {n_bad} steps in a row had a non-finite loss or gradient norm; stopping. " +
+                   (f"The last good checkpoint is in {out_dir}" if saved else "No checkpoint was written") +
+                   "; try a lower --learning_rate, --grad_clip, or dtype float32", file=sys.stderr)
             if ddp:
                 dist.destroy_process_group()
             sys.exit(3)
-        t_log, last_log_iter, local_loss = time.time(), iter_num, torch.zeros((), device=device)
+        t_window, steps_window, last_log_iter = time.time(), 0, iter_num
+        local_loss = torch.zeros((), device=device)
         if stop.item():
-            save_checkpoint()
+            save_checkpoint('ckpt.pt' if always_save_checkpoint else 'ckpt_last.pt')  # the best stays in ckpt.pt
             print0(f"stopped on request at step {iter_num}; continue with --init_from=resume")
             break
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PA_ACTIVATIONS, attend, attend_reference, parse_attn_type
+from model import GPT, GPTConfig, PA_ACTIVATIONS, parse_attn_type
+from reference import attend_fast as attend, attend_reference, reference_attention
 
 ALL_TYPES = ['SM', 'GK', 'GKpoly-1', 'GKpoly-3', 'GKpoly-8',
              'PA_relu', 'PA_gelu', 'PA_sigmoid', 'PA_silu', 'PA_softplus']
@@ -152,9 +153,8 @@ def test_future_tokens_never_change_past_logits(attn_type):
             logits, _ = model(changed, torch.zeros_like(idx))
             torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-6, rtol=0)
             assert (logits[:, t] - base[:, t]).abs().max() > 1e-4  # the change itself is visible
-        for block in model.transformer.h:  # and the reference path is causal too
-            block.attn.reference = True
-        logits, _ = model(changed, torch.zeros_like(idx))
+        with reference_attention():  # and the reference path is causal too
+            logits, _ = model(changed, torch.zeros_like(idx))
         torch.testing.assert_close(logits[:, :3], base[:, :3], atol=1e-5, rtol=0)
 
 
@@ -165,16 +165,15 @@ def test_full_model_fast_equals_reference_loss_and_grads(attn_type):
     idx = torch.randint(0, 97, (3, 16), generator=g)
     targets = torch.randint(0, 97, (3, 16), generator=g)
 
-    def run(reference):
-        for block in model.transformer.h:
-            block.attn.reference = reference
+    def run():
         model.zero_grad(set_to_none=True)
         logits, loss = model(idx, targets)
         loss.backward()
         return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    logits_f, loss_f, grads_f = run(False)
-    logits_r, loss_r, grads_r = run(True)
+    logits_f, loss_f, grads_f = run()
+    with reference_attention():
+        logits_r, loss_r, grads_r = run()
     torch.testing.assert_close(logits_f, logits_r, atol=1e-5, rtol=1e-5)
     assert abs(loss_f.item() - loss_r.item()) < 1e-5
     assert grads_f.keys() == grads_r.keys()

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script, write_char_dataset
+from conftest import run_bad_inputs, run_script, write_char_dataset
 
 TINY = ['--max_iters=32', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_iters=2', '--eval_interval=8', '--log_interval=4']
@@ -77,11 +77,21 @@ def test_compare_attention_end_to_end(char_data, tmp_path):
     assert [list(t) for t in tables(doc.read_text())] == [['SM']] and 'no GK run in attn_types' in doc.read_text()
 
 
-def test_compare_attention_rejects_a_bad_attn_type(char_data, tmp_path):
-    p = run_script('compare_attention.py', f'--data_dir={char_data}', '--attn_types=SM,GKpoly-x',
-                   f'--out_prefix={tmp_path}/o-', f'--doc={tmp_path}/a.md', check=False)
-    assert p.returncode != 0 and "unknown attn_type 'GKpoly-x'" in p.stderr and 'Traceback' not in p.stderr
-    assert os.listdir(tmp_path) == []
+def test_bad_inputs_fail_before_any_training(char_data, tmp_path):
+    """each would otherwise train first (the TINY runs, so a regression shows in seconds) and fail after"""
+    (tmp_path / 'docs').mkdir()
+    (tmp_path / 'file.txt').write_text('a file')
+    base = ['compare_attention.py', f'--data_dir={char_data}', f'--out_prefix={tmp_path}/o-', f'--doc={tmp_path}/a.md',
+            *TINY, '--attn_types=SM']
+    cases = [
+        ([f'--doc={tmp_path / "docs"}'], 'is a directory; give a file name'),
+        ([f'--doc={tmp_path / "file.txt" / "a.md"}'], 'is a file, not a directory'),
+        ([f'--out_prefix={tmp_path / "file.txt"}/o-'], 'cannot be created or written'),
+        (['--attn_types=SM,GKpoly-x'], "unknown attn_type 'GKpoly-x'"),
+        (['--attn_types=SM,,GK'], 'has an empty entry (entry 2)'),
+        (['--report_iters=(5,)'], 'each must be a step with an eval (0, 8, 16, ... and 32)'),
+    ]
+    run_bad_inputs([([*base, *args], message) for args, message in cases], protect=[tmp_path, char_data])
 
 
 def test_train_11_pa_and_eval_configs(char_data, tmp_path):

@@ -1,6 +1,6 @@
 """
 The data/*/prepare.py scripts, run as a user would: each on a copy in tmp_path/data/<name>/ (with
-configurator.py at tmp_path/, where its sys.path line looks), so nothing is ever written into the repo's data/.
+configurator.py and dataprep.py at tmp_path/, where its sys.path line looks), so nothing is ever written into the repo's data/.
 The web-scale ones get a tiny local dataset in the real schema (json lines with a 'text' column) via --dataset.
 """
 import json
@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, SHAKESPEARE, run_script, text_corpus
+from conftest import REPO, SHAKESPEARE, run_bad_inputs, run_script, text_corpus
 
 EOT = 50256
 
@@ -20,7 +20,8 @@ def install(tmp_path, name):
     d = tmp_path / 'data' / name
     d.mkdir(parents=True)
     shutil.copy(os.path.join(REPO, 'data', name, 'prepare.py'), d)
-    shutil.copy(os.path.join(REPO, 'configurator.py'), tmp_path)
+    for module in ('configurator.py', 'dataprep.py'):
+        shutil.copy(os.path.join(REPO, module), tmp_path)
     return d
 
 
@@ -257,3 +258,60 @@ def test_fineweb_edu_user_errors(tmp_path, fineweb):
     assert '--dataset=' in error_line(p)
     assert not nowhere.exists() or os.listdir(nowhere) == []
     assert 'num_proc' in error_line(fineweb(out, '--num_proc=0', check=False))
+
+
+# ----------------------------------------------------------------------------- bad inputs of the web-scale scripts
+
+def test_web_out_dir_and_damaged_progress(tmp_path):
+    """An --out_dir that cannot be a directory, and a progress.json that cannot be trusted: one line each, before
+    anything is read or written (so neither the tokenizer nor the dataset is needed)."""
+    owt, fw = (str(install(tmp_path, name) / 'prepare.py') for name in ('openwebtext', 'fineweb_edu'))
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    good = {'dataset': str(tmp_path / 'docs'), 'name': None, 'val_docs': 2, 'docs': 5,
+            'tokens': {'val': 3, 'train': 7}, 'done': False, 'num_docs': None}
+
+    def out_with(record):
+        """an out_dir holding 3 + 7 tokens of bins and this progress.json"""
+        d = tmp_path / f'out{len(os.listdir(tmp_path))}'
+        d.mkdir()
+        (d / 'val.bin').write_bytes(b'\x01\x00' * 3)
+        (d / 'train.bin').write_bytes(b'\x01\x00' * 7)
+        (d / 'progress.json').write_text(record if isinstance(record, str) else json.dumps(record))
+        return str(d)
+
+    damaged = [('{"docs": 5,', 'JSONDecodeError'), ('[1, 2]', 'it holds a list'),
+               ({k: v for k, v in good.items() if k not in ('done', 'tokens')}, 'no done, tokens'),
+               ({**good, 'docs': '5'}, "docs is '5'"), ({**good, 'docs': -1}, 'docs is -1'),
+               ({**good, 'done': 'yes'}, "done is 'yes'"), ({**good, 'val_docs': 0}, 'val_docs is 0'),
+               ({**good, 'tokens': {'val': 3, 'train': 1.5}}, 'tokens is'),
+               ({**good, 'tokens': {'val': 3}}, 'tokens is'),
+               ({**good, 'tokens': {'val': 3, 'train': 70}}, 'holds 7 tokens but')]
+    dirs = [out_with(record) for record, _ in damaged]
+    cases = [([fw, f'--dataset={good["dataset"]}', f'--out_dir={d}'], why) for d, (_, why) in zip(dirs, damaged)]
+    for script in (owt, fw):
+        cases += [([script, f'--out_dir={afile}'], 'is a file, not a directory'),
+                  ([script, f'--out_dir={afile}/sub'], 'cannot be created or written'),
+                  ([script, '--out_dir='], '--out_dir is empty')]
+    done = run_bad_inputs(cases, protect=[*dirs, afile, tmp_path / 'data'])
+    assert all('progress.json to start over' in p.stderr for p in done[:len(damaged)])
+
+
+def test_web_corrupt_local_files(tmp_path, tiktoken_offline):
+    """A damaged local dataset is reported as a damaged file (never as a network problem), with nothing written."""
+    owt, fw = (str(install(tmp_path, name) / 'prepare.py') for name in ('openwebtext', 'fineweb_edu'))
+    (tmp_path / 'garbage.parquet').write_bytes(os.urandom(600))
+    (tmp_path / 'garbage.jsonl').write_bytes(b'{"text": "fine"}\n\x00\x01 not json\n')
+    env = hf_env(tmp_path)
+    cases = [([script, f'--dataset={tmp_path / name}', f'--out_dir={tmp_path / "out"}'],
+              f"{tmp_path / name} (ArrowInvalid", env)
+             for script, name in ((owt, 'garbage.parquet'), (fw, 'garbage.jsonl'))]
+    for p in run_bad_inputs(cases, protect=[tmp_path / 'out', tmp_path / 'data']):
+        assert 'corrupt' in p.stderr and 'network' not in p.stderr
+    # streaming reads a folder's files one after another: one found damaged midway stops the run saying so
+    docs = write_docs(tmp_path / 'docs', make_docs(40))
+    with open(os.path.join(docs, 'part-01.jsonl'), 'a') as f:
+        f.write('{"text": "cut off\n')
+    msg = error_line(run_script(fw, f'--dataset={docs}', f'--out_dir={tmp_path / "out"}', '--num_proc=1',
+                                '--chunk_docs=4', '--val_docs=2', env=env, check=False))
+    assert 'corrupt' in msg and 'network' not in msg and 'rerun the same command to continue' in msg

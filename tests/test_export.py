@@ -1,11 +1,12 @@
 """export.py: our checkpoint -> a Hugging Face GPT-2 directory that transformers loads and that computes the same."""
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
 
-from conftest import TIKTOKEN_CACHE, run_script
+from conftest import TIKTOKEN_CACHE, run_bad_inputs, run_script
 
 from model import GPT, GPTConfig
 from runtime import save_atomic
@@ -73,50 +74,59 @@ def test_export_bpe_model_with_tokenizer(tmp_path, tiktoken_offline):
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_export_bias_false_without_tiktoken(tmp_path):
-    """bias=False exports exactly (zero biases); with no tokenizer available it says how to add one"""
+def test_bias_false_export_then_a_char_export_replaces_it(tmp_path):
+    """bias=False exports exactly (zero biases); with no tokenizer available it says how to add one. A second export
+    to the same directory replaces that earlier export whole; with a file of the user's in it, it is refused"""
     model = make_checkpoint(str(tmp_path / 'run'), bias=False)
     empty = tmp_path / 'empty_cache'  # tiktoken finds nothing here (and cannot download in a test)
     empty.mkdir()
-    p = export(str(tmp_path / 'run'), f'--export_dir={tmp_path / "exported"}', tiktoken_cache=str(empty))
+    hf_dir = tmp_path / 'exported'
+    p = export(str(tmp_path / 'run'), f'--export_dir={hf_dir}', tiktoken_cache=str(empty))
     assert 'no tokenizer written' in p.stdout and "from_pretrained('gpt2')" in p.stdout
-    assert not (tmp_path / 'exported' / 'tokenizer.json').exists()
-    check_same_logits(model, str(tmp_path / 'exported'), 50257, 32)
+    assert not (hf_dir / 'tokenizer.json').exists()
+    check_same_logits(model, str(hf_dir), 50257, 32)
+    manifest = json.load(open(hf_dir / 'export_manifest.json'))
+    assert set(manifest['files']) == set(os.listdir(hf_dir)) - {'export_manifest.json'}
 
-
-def test_char_level_export_replaces_an_earlier_export(tmp_path):
     itos = [chr(i) for i in range(32, 97)]
-    model = make_checkpoint(str(tmp_path), meta={'vocab_size': 65, 'itos': itos}, vocab_size=65, bias=False)
-    (tmp_path / 'hf').mkdir()  # an earlier export: replaced as a whole
-    (tmp_path / 'hf' / 'config.json').write_text('{}')
-    (tmp_path / 'hf' / 'stale.bin').write_text('old')
-    p = export(str(tmp_path))
-    hf_dir = tmp_path / 'hf'
+    char = make_checkpoint(str(tmp_path / 'char'), meta={'vocab_size': 65, 'itos': itos}, vocab_size=65, bias=False,
+                           n_layer=1)
+    p = export(str(tmp_path / 'char'), f'--export_dir={hf_dir}')
     assert 'no tokenizer for a char vocab' in p.stdout
-    assert not (hf_dir / 'stale.bin').exists() and not (hf_dir / 'tokenizer.json').exists()
+    assert not [f for f in os.listdir(tmp_path) if '.tmp.' in f or '.old.' in f]
     assert json.load(open(hf_dir / 'char_vocab.json'))['itos'] == itos
     assert json.load(open(hf_dir / 'config.json'))['vocab_size'] == 65
-    check_same_logits(model, str(hf_dir), 65, 32)
+    check_same_logits(char, str(hf_dir), 65, 32)
+
+    # the same export with a file of the user's added, or one of its files edited, is no longer just an export
+    extra, edited = tmp_path / 'extra', tmp_path / 'edited'
+    shutil.copytree(hf_dir, extra)
+    (extra / 'notes.txt').write_text('mine')
+    shutil.copytree(hf_dir, edited)
+    (edited / 'config.json').write_text((edited / 'config.json').read_text() + ' ')
+    run_bad_inputs([(['export.py', f'--out_dir={tmp_path / "char"}', f'--export_dir={extra}'],
+                     'notes.txt, which export.py did not write'),
+                    (['export.py', f'--out_dir={tmp_path / "char"}', f'--export_dir={edited}'],
+                     'config.json changed since it was exported')], protect=[tmp_path])
 
 
-def test_gk_checkpoint_is_refused(tmp_path):
-    make_checkpoint(str(tmp_path), attn_type='GK', n_layer=1)
-    p = export(str(tmp_path), check=False)
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "attn_type 'GK'" in lines[0], p.stderr
-    assert not (tmp_path / 'hf').exists()
-
-
-def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
-    make_checkpoint(str(tmp_path), n_layer=1)
-    (tmp_path / 'precious').mkdir()
-    (tmp_path / 'precious' / 'notes.txt').write_text('keep me')
-    p = export(str(tmp_path), f'--export_dir={tmp_path / "precious"}', check=False)
-    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert os.listdir(tmp_path / 'precious') == ['notes.txt']
-
-
-def test_missing_checkpoint_is_one_line(tmp_path):
-    p = export(str(tmp_path / 'nothing'), check=False)
-    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'no checkpoint' in p.stderr
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
+    run, gk = str(tmp_path / 'run'), str(tmp_path / 'gk')
+    make_checkpoint(run, n_layer=1)
+    make_checkpoint(gk, attn_type='GK', n_layer=1)
+    user = tmp_path / 'u'  # a directory of the user's that happens to hold a config.json
+    user.mkdir()
+    (user / 'config.json').write_text('{}')
+    (user / 'precious.txt').write_text('keep')
+    (tmp_path / 'file.txt').write_text('a file')
+    cases = [
+        ([f'--export_dir={user}'], f"--export_dir={user} exists and is not an earlier export"),
+        ([f'--export_dir={tmp_path / "file.txt" / "hf"}'], 'cannot be created or written'),
+        (['--export_dir='], '--export_dir is empty'),
+        ([f'--out_dir={gk}'], "attn_type 'GK' cannot be exported"),
+    ]
+    run_bad_inputs([(['export.py', f'--out_dir={run}', *args], message) for args, message in cases],
+                   protect=[tmp_path])
+    assert (user / 'precious.txt').read_bytes() == b'keep'
+    assert not [f for f in os.listdir(tmp_path) if f not in ('run', 'gk', 'u', 'file.txt')]
+    assert os.listdir(tmp_path / 'run') == ['ckpt.pt']

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from reference import reference_attention
 
 
 def tiny(dropout=0.0, seed=0):
@@ -20,7 +21,7 @@ def batch(seed, B=4, T=32):
 
 def train(model, steps, forward=None, fused=False, autocast_dtype=None):
     """`steps` AdamW steps on fixed batches; returns the losses. The RNG is reseeded so dropout masks match."""
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', fused=fused)
+    opt, = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', fused=fused)
     forward = model if forward is None else forward
     losses = []
     torch.manual_seed(123)
@@ -76,10 +77,9 @@ def test_all_levers_together_match_the_reference_path():
     reference: naive attention, plain AdamW, eager, no checkpointing. Same losses, same weights.
     (No dropout here: compiled code draws its masks from its own generator, so they differ by design.)"""
     ref, fast = tiny(), tiny()
-    for block in ref.transformer.h:
-        block.attn.reference = True
     fast.activation_checkpointing = True
-    l_ref = train(ref, 4, fused=False)
+    with reference_attention():
+        l_ref = train(ref, 4, fused=False)
     l_fast = train(fast, 4, forward=torch.compile(fast), fused=True)
     assert l_fast == pytest.approx(l_ref, rel=1e-4)
     for (n, p), q in zip(fast.named_parameters(), ref.parameters()):
@@ -92,3 +92,56 @@ def test_bf16_autocast_stays_close_to_float32():
     l32, l16 = train(a, 5, fused=True), train(b, 5, fused=True, autocast_dtype=torch.bfloat16)
     assert l16 == pytest.approx(l32, rel=2e-2)  # bf16 keeps ~3 significant digits
     assert l16[-1] < l16[0] - 0.05
+
+
+# ---------------------------------------------------------------- compiled sampling and evaluation (inductor, CPU)
+
+def compile_counts(fn, reset=True):
+    """run fn with dynamo's counters cleared (and its compiled code, unless reset=False):
+    (result, graphs compiled, graph breaks)"""
+    from torch._dynamo.utils import counters
+    if reset:
+        torch._dynamo.reset()
+    counters.clear()
+    result = fn()
+    return result, counters['stats']['unique_graphs'], sum(counters['graph_break'].values())
+
+
+def test_compiled_generate_is_two_graphs_and_the_same_tokens():
+    """200 tokens through a 32-token window (prefill, decode, slides): one decode graph for every position, one
+    dynamic prefill graph, no graph break, and the same tokens as eager for the same seed"""
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def run(compile):
+        torch.manual_seed(7)
+        return model.generate(prompt, 200, temperature=0.9, top_k=40, top_p=0.95, compile=compile)
+
+    eager = run(False)
+    (compiled, graphs, breaks) = compile_counts(lambda: run(True))
+    assert torch.equal(compiled, eager)
+    assert graphs <= 2 and breaks == 0, (graphs, breaks)
+    _, graphs, _ = compile_counts(lambda: run(True), reset=False)  # warm: nothing new to compile
+    assert graphs == 0
+
+
+def test_compiled_hellaswag_bounded_compiles(monkeypatch):
+    """examples of many lengths and a short last batch: at most two graphs (static, then dynamic), same scores"""
+    import hellaswag
+
+    class CharEncoder:  # HellaSwag's rendering without GPT-2's BPE: one token per character
+        n_vocab = 97
+
+        def encode(self, s):
+            return [ord(c) % 97 for c in s]
+
+    monkeypatch.setattr(hellaswag, '_enc', CharEncoder())
+    g = torch.Generator().manual_seed(1)
+    word = lambda n: ''.join(chr(97 + int(i)) for i in torch.randint(0, 26, (n,), generator=g))
+    examples = [{'ctx': word(3 + 2 * i), 'endings': [word(1 + (i + j) % 5) for j in range(4)], 'label': i % 4}
+                for i in range(11)]
+    model = tiny().eval()
+    eager = hellaswag.evaluate(model, 'cpu', examples, batch_size=2)
+    compiled, graphs, breaks = compile_counts(lambda: hellaswag.evaluate(torch.compile(model), 'cpu', examples, 2))
+    assert compiled == eager and eager['n'] == 11
+    assert graphs <= 2 and breaks == 0, (graphs, breaks)

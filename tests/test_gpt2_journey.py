@@ -48,10 +48,13 @@ def test_fineweb_to_plot(tmp_path, tiktoken_offline):
     steps = [r for r in records if r['loss'] is not None]
     evals = [r for r in records if r['val_loss'] is not None]
     assert [r['iter'] for r in steps] == list(range(1, 31))
-    assert all(r['tokens_per_sec'] > 0 and r['grad_norm'] > 0 and r['lr'] > 0 for r in steps)
+    assert all(r['grad_norm'] > 0 and r['lr'] > 0 for r in steps)
+    assert steps[0]['tokens_per_sec'] is None  # the first step compiles and warms up: never a step time
+    assert all(r['tokens_per_sec'] > 0 for r in steps[1:])
     assert [r['iter'] for r in evals] == [0, 10, 20, 30] and evals[-1]['val_loss'] < evals[0]['val_loss']
-    assert [r['iter'] for r in evals if r['hellaswag'] is not None] == [0, 30]  # every 15, at evals, and the end
-    assert all(0 <= r['hellaswag'] <= 1 for r in evals if r['hellaswag'] is not None)
+    hellaswag = [r for r in records if r['hellaswag'] is not None]
+    assert [r['iter'] for r in hellaswag] == [0, 15, 30]  # on its own schedule, not only where evals fall
+    assert all(0 <= r['hellaswag'] <= 1 for r in hellaswag)
     assert (out / 'ckpt_000020.pt').exists() and (out / 'ckpt.pt').exists()
 
     png = tmp_path / 'plot.png'

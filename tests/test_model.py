@@ -108,7 +108,7 @@ def test_from_pretrained_overrides(hf_dir):
 
     gk = GPT.from_pretrained(path, override_args={'attn_type': 'GK', 'dropout': 0.0}).eval()
     assert gk.config.attn_type == 'GK'
-    assert all(b.attn.attn_type == 'GK' for b in gk.transformer.h)
+    assert all(b.attn.kind == 'GK' for b in gk.transformer.h)
     with torch.no_grad():
         gk_logits = gk(idx, idx)[0]
     assert torch.isfinite(gk_logits).all()
@@ -218,7 +218,7 @@ def test_padded_vocab_exact_multiple_not_padded():
 def test_training_step_reduces_loss():
     model = tiny_gpt(block_size=16).train()
     idx = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    opt, = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
     losses = []
     for _ in range(20):
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -304,14 +304,39 @@ def test_greedy_matches_handwritten_loops(attn_type):
     assert torch.equal(model.generate(prompt, 40, temperature=0, use_cache=True), expected_long)
 
 
-def test_generate_reuses_caller_caches_and_leaves_model_unchanged():
+def test_generate_keeps_static_caches_until_cleared():
     model = tiny_gpt(block_size=16)
     prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
-    caches = model.new_caches(3)  # a larger buffer serves a smaller batch
-    assert len(caches) == 2 and caches[0][0].shape == (3, 2, 16, 16)
-    out = model.generate(prompt, 30, temperature=0, caches=caches)
+    out = model.generate(prompt, 30, temperature=0)
+    cache = model.transformer.h[0].attn.cache
+    assert cache.k.shape == (2, 2, 16, 16) and model.causal_mask.shape == (16, 16)
+    ptr = cache.k.data_ptr()
+    assert torch.equal(model.generate(prompt, 30, temperature=0), out)  # reused, and stale slots are masked out
+    assert model.transformer.h[0].attn.cache.k.data_ptr() == ptr
     assert torch.equal(out, model.generate(prompt, 30, temperature=0, use_cache=False))
+    model.generate(prompt[:1], 3, temperature=0)  # another batch size: new caches
+    assert model.transformer.h[0].attn.cache.k.shape[0] == 1
+    assert not any('cache' in k or 'causal_mask' in k for k in model.state_dict())  # never saved
+    model.clear_caches()
+    assert model.transformer.h[0].attn.cache is None and model.causal_mask is None
     assert not model.training
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    """sample_logits with top_p: only tokens of the nucleus are ever drawn, and the draw follows their probabilities"""
+    from model import sample_logits
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    draws = torch.cat([sample_logits(logits, torch.empty(1, 4).exponential_(), 1.0, None, 0.75) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    assert freq[2] == 0 and freq[3] == 0  # 0.5 + 0.3 reaches 0.75: the nucleus is the first two
+    assert abs(freq[0].item() - 0.5 / 0.8) < 0.03 and abs(freq[1].item() - 0.3 / 0.8) < 0.03
+    torch.manual_seed(0)
+    draws = torch.cat([sample_logits(logits, torch.empty(1, 4).exponential_(), 1.0, None, 1.0) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)  # top_p = 1: plain sampling
+    tiny = sample_logits(torch.tensor([[1.0, 3.0, 2.0]]), torch.ones(1, 3), 1e-30, None, None)
+    assert tiny.item() == 1  # a vanishing temperature is greedy, not NaN
 
 
 def test_sampling_shape_range_and_top_k_one_is_greedy():
@@ -396,7 +421,7 @@ def test_get_num_params():
 
 def test_configure_optimizers_groups():
     model = tiny_gpt()
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu')
+    opt, = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu')
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
@@ -414,6 +439,21 @@ def test_configure_optimizers_groups():
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+
+
+def test_configure_optimizers_with_muon():
+    """Muon takes exactly the 2-D weights inside the blocks; AdamW the embeddings / tied head, LayerNorms, biases"""
+    model = tiny_gpt()
+    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', muon_lr=0.02, muon_momentum=0.9)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    hidden = {id(p) for n, p in model.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2}
+    assert len(hidden) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert {id(p) for g in muon.param_groups for p in g['params']} == hidden
+    rest = [p for g in adamw.param_groups for p in g['params']]
+    assert len(rest) + len(hidden) == len(list(model.parameters())) and not hidden & {id(p) for p in rest}
+    g, = muon.param_groups
+    assert g['lr'] == 0.02 and g['momentum'] == 0.9
+    assert g['weight_decay'] * g['lr'] == pytest.approx(0.1 * 1e-3)  # the same shrink per step as AdamW's matrices
 
 
 def test_estimate_mfu():

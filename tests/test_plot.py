@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import run_script
+from conftest import run_bad_inputs, run_script
 
 KEYS = ('iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu', 'time')
 
@@ -56,18 +56,32 @@ def test_plot_without_hellaswag_or_references(tmp_path):
     assert 'max HellaSwag n/a' in p.stdout
 
 
-def test_missing_or_empty_log_is_one_line(tmp_path):
-    for path in (tmp_path / 'nope.jsonl', tmp_path / 'empty.jsonl'):
-        if 'empty' in path.name:
-            path.write_text('')
-        p = run_script('plot.py', f'--logs={path}', f'--out={tmp_path / "x.png"}', check=False)
-        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert p.stderr.startswith('error: ')
-        assert not (tmp_path / 'x.png').exists()
-
-
-def test_corrupt_line_is_one_line(tmp_path):
-    path = tmp_path / 'log.jsonl'
-    path.write_text('{"iter": 0, "loss": 5.0}\nnot json\n{"iter": 10, "loss": 4.0}\n')
-    p = run_script('plot.py', f'--logs={path}', f'--out={tmp_path / "x.png"}', check=False)
-    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and ':2 ' in p.stderr, p.stderr
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
+    good = write_log(str(tmp_path / 'run' / 'log.jsonl'))
+    (tmp_path / 'file.txt').write_text('a file')
+    (tmp_path / 'dir.png').mkdir()
+    logs = {'empty': '', 'corrupt': '{"iter": 0, "loss": 5.0}\nnot json\n{"iter": 10, "loss": 4.0}\n',
+            'no_iter': '{"step": 0, "loss": 5.0}\n', 'no_losses': '{"iter": 0, "acc": 0.5}\n{"iter": 10, "acc": 0.6}\n'}
+    for name, text in logs.items():
+        (tmp_path / f'{name}.jsonl').write_text(text)
+    (tmp_path / 'latin1.jsonl').write_bytes('{"iter": 0, "loss": 5.0, "run": "caf\u00e9"}\n'.encode('latin-1'))
+    png = f'--out={tmp_path / "p.png"}'
+    cases = [
+        ([f'--logs={good}', f'--out={tmp_path / "file.txt" / "p.png"}'], 'is a file, not a directory'),
+        ([f'--logs={good}', f'--out={tmp_path / "dir.png"}'], 'is a directory; give a file name'),
+        ([f'--logs={good}', f'--out={tmp_path / "p.jpg"}'], 'must be a .png file'),
+        ([f'--logs={good}', '--out='], '--out is empty'),
+        ([f'--logs={tmp_path / "latin1.jsonl"}', png], 'is not UTF-8 text'),
+        ([f'--logs={tmp_path / "run"}', png], 'is a directory; give a text file'),
+        ([f'--logs={tmp_path / "nope.jsonl"}', png], 'no log at'),
+        ([f'--logs={tmp_path / "empty.jsonl"}', png], 'is empty: no records'),
+        ([f'--logs={tmp_path / "corrupt.jsonl"}', png], 'corrupt.jsonl:2 is not a log record'),
+        ([f'--logs={tmp_path / "no_iter.jsonl"}', png], 'no_iter.jsonl:1 is not a log record (no integer iter)'),
+        ([f'--logs={tmp_path / "no_losses.jsonl"}', png], 'no record with a loss, train_loss, val_loss or hellaswag'),
+        ([f'--logs={good},,{good}', png], 'has an empty entry (entry 2)'),
+        ([f'--logs={good},{tmp_path}/run/../run/log.jsonl', png], 'names the same log twice'),
+        ([f'--logs={good}', png, '--gpt2_hellaswag=29.55'], '--gpt2_hellaswag must be an accuracy in [0, 1]'),
+        ([f'--logs={good}', png, '--gpt2_val_loss=-3.3'], '--gpt2_val_loss must be a positive loss'),
+    ]
+    run_bad_inputs([(['plot.py', *args], message) for args, message in cases], protect=[tmp_path])
+    assert not (tmp_path / 'p.png').exists()

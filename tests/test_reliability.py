@@ -73,7 +73,7 @@ def test_bad_input_gets_one_clear_line(char_data, trained, tmp_path):
     (tmp_path / 'empty.txt').write_text('')
     (tmp_path / 'a_file').write_text('x')
     transformers = pytest.importorskip('transformers')
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32,
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
                                                          vocab_size=100)).save_pretrained(tmp_path / 'hf')
     new = tmp_path / 'new_out'  # must still not exist after every case
     base = ['train.py', f'--data_dir={char_data}', f'--out_dir={new}', *TINY, '--max_iters=2']
@@ -83,22 +83,25 @@ def test_bad_input_gets_one_clear_line(char_data, trained, tmp_path):
         (base + ['--batch_size=1.5'], "config key 'batch_size' wants a int"),
         (['train.py', 'config/no_such.py'], "not found"),
         (base + ['--n_embd=30', '--n_head=4'], "must be divisible by n_head"),
-        (base + ['--batch_size=0'], "batch_size must be a positive integer"),
+        (base + ['--batch_size=0'], "batch_size must be an integer >= 1"),
         (base + ['--n_layer=0'], "n_layer must be a positive integer"),
         (base + ['--learning_rate=-0.1'], "learning_rate must be positive"),
         (base + [f'--init_from={tmp_path / "hf"}', '--block_size=64'], "larger than the model's 32"),
+        (base + [f'--init_from={tmp_path / "hf"}', '--n_layer=3'], "conflicts with"),
         (base + ['--init_from=gpt3'], "unknown init_from 'gpt3'"),
         (resume + [f'--out_dir={new}'], "no checkpoint at"),
         (resume + [f'--out_dir={tmp_path / "corrupt"}'], "corrupt, truncated or unsafe"),
         (resume + [f'--out_dir={tmp_path / "evil"}'], "corrupt, truncated or unsafe"),
         (resume + [f'--out_dir={trained}', '--n_layer=3'], "conflicts with the checkpoint's n_layer=2"),
-        (base[:1] + [f'--out_dir={new}', '--dataset=nowhere'], "python data/nowhere/prepare.py"),
+        (base[:1] + [f'--out_dir={new}', '--dataset=nowhere'], "python data/text/prepare.py --input="),
+        (base[:1] + [f'--out_dir={new}', '--dataset=openwebtext', f'--data_dir={tmp_path / "empty_dir"}'],
+         "python data/openwebtext/prepare.py"),
         (base + [f'--data_dir={bad_ids}'], "holds token id 60000"),
-        (base + [f'--data_dir={short}'], "fewer than one block"),
+        (base + [f"--data_dir={short}"], "than one block"),
         (base + ['--dtype=float8'], "unsupported dtype 'float8'"),
         (base + ['--device=tpu'], "device 'tpu'"),
         (base + ['--device=cuda'], "CUDA is not available"),
-        (base + [f'--out_dir={tmp_path / "a_file" / "out"}'], "cannot be written"),
+        (base + [f'--out_dir={tmp_path / "a_file" / "out"}'], "cannot be created or written"),
         (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "missing.txt"}'], "does not exist"),
         (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "empty.txt"}'], "is empty"),
         (['sample.py', f'--out_dir={trained}', '--start=\u00e9\u20ac'], "outside this model's vocabulary"),
@@ -141,6 +144,29 @@ def test_sigterm_checkpoints_and_resume_is_exact(char_data, tmp_path):
     stopped_at = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num']
     assert 20 <= stopped_at < 300
     run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path / "a"}')
+    run_script('train.py', f'--out_dir={tmp_path / "b"}', *flags)
+    assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_stop_keeps_the_best_checkpoint_when_not_always_saving(char_data, tmp_path):
+    """always_save_checkpoint=False: ckpt.pt holds the best model; a SIGTERM saves the stop point to ckpt_last.pt,
+    which resume takes (it is newer), and the resumed run ends exactly as an uninterrupted one"""
+    flags = [f'--data_dir={char_data}', *TINY, '--eval_interval=10', '--max_iters=60', '--n_embd=64']
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={tmp_path / "a"}', *flags,
+                             '--always_save_checkpoint=False'], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    for line in proc.stdout:
+        if line.startswith('step 25 |'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    best = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    last = torch.load(tmp_path / 'a' / 'ckpt_last.pt', weights_only=True)
+    assert best['iter_num'] in (10, 20) and 25 <= last['iter_num'] < 60  # the best was not overwritten
+    assert last['best_val_loss'] == best['best_val_loss']
+    run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path / "a"}', '--always_save_checkpoint=True')
+    assert not (tmp_path / 'a' / 'ckpt_last.pt').exists()  # superseded by a newer ckpt.pt
     run_script('train.py', f'--out_dir={tmp_path / "b"}', *flags)
     assert_same_weights(tmp_path / 'a', tmp_path / 'b')
 

@@ -162,3 +162,20 @@ def test_activation_checkpointing_trains_identically(char_data, tmp_path):
     assert b['config']['activation_checkpointing'] is True
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_step_time_counts_only_timed_steps(char_data, tmp_path):
+    """An eval inside a log window (at step 6 of the window 4..8) must not credit the window with the steps before
+    it: dt stays near the dt of a run without evals, instead of reading about half (tokens/s about 2x)"""
+    flags = ['--max_iters=24', '--log_interval=4', '--n_embd=128', '--batch_size=16', '--block_size=32',
+             '--eval_iters=20']
+    def dts(stdout):
+        return sorted(float(l.split('| dt ')[1].split('ms')[0]) for l in stdout.splitlines() if '| dt ' in l)
+    plain = dts(train(char_data, tmp_path / 'a', *flags, '--eval_interval=1000').stdout)
+    evals = train(char_data, tmp_path / 'b', *flags, '--eval_interval=2')
+    with_evals = dts(evals.stdout)
+    ratio = with_evals[len(with_evals) // 2] / plain[len(plain) // 2]  # medians
+    assert 0.7 < ratio < 1.5, (ratio, plain, with_evals)
+    first = [l for l in evals.stdout.splitlines() if l.startswith('step 4 |')][0]
+    assert '| dt ' in first  # steps 2-4 were timed; step 1 (compilation, warm-up) was not
+    assert 'dt n/a (untimed)' in train(char_data, tmp_path / 'c', '--max_iters=1', '--eval_interval=1000').stdout

@@ -14,80 +14,26 @@ Hugging Face cache, and gives a train.bin of ~17 GB (~9B tokens) and a val.bin o
 import os
 import sys
 
-import numpy as np
-import pyarrow.compute as pc
-import tiktoken
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-from configurator import configure, fail
+from configurator import configure, writable_dir
+import dataprep
+from dataprep import EOT, fail
 
 dataset = 'openwebtext'  # a Hub dataset name, or a local directory / .json(l) / .parquet / .csv file with a 'text' column
 num_proc = min(8, os.cpu_count() or 1)  # processes for tokenizing; about half your CPU cores is a good start
 num_docs = None  # use only the first num_docs documents (None = all); for trying the pipeline small
 val_fraction = 0.0005  # fraction of the documents held out for validation, chosen at random
 seed = 2357  # seed of the train/val shuffle, so the split is the same on every run
-out_dir = ''  # where train.bin / val.bin go; '' = next to this script
-configure(globals())
-
-EOT = 50256  # <|endoftext|>: separates documents, so the model learns where one ends
+out_dir = ''  # where train.bin / val.bin go; not given = next to this script
+overridden = configure(globals())
 
 
-def one_line(e):
-    # library errors can span many lines; the user gets the gist in one
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-def load():
-    """The 'train' split of the dataset: a local file or directory when that path exists, else the Hub."""
-    if not os.path.exists(dataset) and (dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1):
-        fail(f"no such file or directory: {dataset}")  # clearly a path, not a Hub name like 'owner/name'
-    if os.path.isfile(dataset):
-        # a single file needs its format named; a directory (or a Hub name) is recognised by datasets itself
-        ext = dataset.removesuffix('.gz').rsplit('.', 1)[-1].lower()
-        builder = {'json': 'json', 'jsonl': 'json', 'parquet': 'parquet', 'csv': 'csv', 'txt': 'text'}.get(ext)
-        if builder is None:
-            fail(f"don't know how to read {dataset}: use a .json, .jsonl, .parquet, .csv or .txt file, or a directory of them")
-        return load_dataset(builder, data_files=dataset, split='train')
-    try:
-        return load_dataset(dataset, split='train')
-    except ConnectionError as e:
-        fail(f"could not reach the Hugging Face Hub for '{dataset}' ({one_line(e)}); check your network, "
-            f"or pass --dataset=LOCAL_PATH (a directory or .jsonl/.parquet file with a 'text' column)")
-    except FileNotFoundError as e:
-        fail(f"dataset '{dataset}' is neither a local path nor found on the Hub ({one_line(e)})")
-
-
-def process(example):
-    # looked up here, not kept in a global: datasets pickles the function (and its globals) to fingerprint
-    # its cache, and the tokenizer's 50k-entry table takes seconds to pickle; tiktoken caches it per process
-    enc = tiktoken.get_encoding('r50k_base')
-    # encode_ordinary ignores special tokens, so "<|endoftext|>" typed inside a document stays plain text
-    ids = enc.encode_ordinary(example['text'])
-    ids.append(EOT)
-    # every GPT-2 token id is < 50257, so uint16 holds them (and takes a quarter of int64's cache space)
-    return {'ids': np.array(ids, dtype=np.uint16), 'len': len(ids)}
-
-
-def write(dset, path):
-    """Write all token ids of dset to path, a batch of documents at a time, never the whole split in memory."""
-    n_tokens = pc.sum(dset.with_format('arrow')['len']).as_py()
-    tmp = path + '.tmp'  # a run killed halfway leaves path untouched (or absent), never half-written
-    arr = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=(n_tokens,))
-    i = 0
-    with tqdm(total=n_tokens, unit='tok', unit_scale=True, desc=f'writing {path}') as bar:
-        for batch in dset.with_format('arrow').iter(batch_size=1024):
-            # Arrow flattens the batch's token lists into one array without a Python object per document
-            ids = pc.list_flatten(batch['ids']).to_numpy()
-            arr[i:i + len(ids)] = ids
-            i += len(ids)
-            bar.update(len(ids))
-    assert i == n_tokens
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
-    return n_tokens
+def batches(dset, split):
+    """(n, items) for the documents of dset, 1024 at a time: the text of each, then EOT (see dataprep.encode)."""
+    for batch in dset.select_columns(['text']).iter(batch_size=1024):
+        yield len(batch['text']), [(split, item) for text in batch['text'] for item in (text, EOT)]
 
 
 if __name__ == '__main__':  # the tokenizing processes may re-import this file; only the parent runs the pipeline
@@ -98,21 +44,12 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     if num_docs is not None and (type(num_docs) is not int or num_docs < 2):
         fail(f"num_docs must be None or a whole number >= 2 (one train and one val document), got {num_docs!r}")
     dataset = os.path.expanduser(dataset)  # the shell leaves a ~ in --dataset=~/docs alone
-    out = out_dir or os.path.dirname(os.path.abspath(__file__))
-    os.makedirs(out, exist_ok=True)
+    out = out_dir if 'out_dir' in overridden else os.path.dirname(os.path.abspath(__file__))
+    writable_dir(out, '--out_dir')
 
-    # r50k_base is GPT-2's tokenizer (same ranks and regex); the "gpt2" name needs extra files to download
-    try:
-        tiktoken.get_encoding('r50k_base')  # fail now, not in a worker, if the tokenizer cannot be had
-    except Exception as e:
-        fail(f"could not load the GPT-2 tokenizer r50k_base ({one_line(e)}); tiktoken downloads it once, "
-            "so check your network or set TIKTOKEN_CACHE_DIR to a cache that holds it")
-
-    from datasets import load_dataset  # imported here: it is slow to import, and the checks above are not
-    try:
-        ds = load()
-    except Exception as e:  # a malformed local file, a broken download, ...
-        fail(f"could not load '{dataset}': {one_line(e)}")
+    dataprep.gpt2()  # fail now, not in a worker, if the tokenizer cannot be had
+    dataprep.start_pool(num_proc)
+    ds = dataprep.load_docs(dataset)
     if 'text' not in ds.column_names:
         fail(f"'{dataset}' has no 'text' column (its columns: {', '.join(ds.column_names)})")
     if getattr(ds.features['text'], 'dtype', None) not in ('string', 'large_string'):
@@ -127,12 +64,20 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     split = {'train': split['train'], 'val': split['test']}
 
-    for name, dset in split.items():
-        # datasets caches the tokenized split on disk, so a rerun with the same settings skips this step
-        tokenized = dset.map(process, remove_columns=dset.column_names, num_proc=min(num_proc, len(dset)),
-                             desc=f'tokenizing the {name} split')
-        path = os.path.join(out, f'{name}.bin')
-        n_tokens = write(tokenized, path)
-        print(f"{name}.bin: {len(dset):,} documents, {n_tokens:,} tokens")
+    os.makedirs(out, exist_ok=True)
+    files = dataprep.open_bins(out)  # train.bin.tmp and val.bin.tmp, renamed when both are complete
+    try:
+        for name, dset in split.items():
+            n_tokens = 0
+            with tqdm(total=len(dset), unit='doc', desc=f'tokenizing the {name} split') as bar:
+                for n, ids in dataprep.tokenized(batches(dset, name)):
+                    files[name].write(ids[name].tobytes())
+                    n_tokens += len(ids[name])
+                    bar.update(n)
+            print(f"{name}.bin: {len(dset):,} documents, {n_tokens:,} tokens")
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written, rerun to start again")
+    dataprep.stop_pool()
+    dataprep.finish_bins(files)
 
     # to read the bins later: np.memmap(path, dtype=np.uint16, mode='r')

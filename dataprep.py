@@ -1,0 +1,305 @@
+"""
+What the data/*/prepare.py scripts share, so that each of them says only where its text comes from and how
+it is split into train and val:
+
+    gpt2()                       GPT-2's BPE (tiktoken's r50k_base), or one line saying why it cannot be had
+    start_pool() / tokenized()   batches of documents tokenized by a process pool, in order, a few at a time
+    open_bins() / finish_bins()  token ids appended to <split>.bin.tmp, renamed to <split>.bin once complete
+    read_progress() / checkpoint()  progress.json, with which a long run continues after a crash
+    char_vocab() / char_ids() / write_meta()  char-level ids and meta.json
+    load_docs()                  a local json(l)/parquet/csv file or folder, or a Hugging Face Hub dataset
+    save() / read_or_download()  small files written atomically; a source text fetched once
+
+Bins hold uint16 token ids, one after another: GPT-2's 50,257 ids fit, and so does any char vocabulary
+of up to 65,536 characters. train.py memmaps them; meta.json ({"vocab_size": N, "itos": [chars]}) marks
+a char-level dataset.
+"""
+
+import collections
+import json
+import multiprocessing
+import os
+import signal
+import urllib.request
+
+import numpy as np
+
+import configurator
+
+EOT = 50256  # GPT-2's <|endoftext|>: marks where documents meet, so the model learns the boundaries
+pool, pool_size = None, 0  # the tokenizing processes, once started
+unfinished = []  # .tmp bins of a run that cannot be resumed: removed if it fails
+
+
+def fail(msg):
+    """configurator.fail, after stopping the pool and removing the half-written bins of a run that cannot resume"""
+    if pool is not None:
+        pool.terminate()  # a pool left running at exit makes multiprocessing print a traceback
+    for path in unfinished:
+        if os.path.exists(path):
+            os.remove(path)
+    configurator.fail(msg)
+
+
+def one_line(e):
+    # library errors can span many lines; the user gets the gist in one
+    if type(e).__name__ == 'DatasetGenerationError' and e.__cause__ is not None:
+        e = e.__cause__  # its own message only says that generating failed; the cause says why
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def save(path, data):
+    # a temp name first, so an interrupted run never leaves a half-written file under the real name
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_or_download(path, url):
+    """The text of path (a UTF-8 file), fetched from url first if it is not there yet."""
+    if not os.path.exists(path):
+        print(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                data = r.read()
+        except OSError as e:
+            fail(f"could not download {url} ({e}); check your network, or put the text at {path}")
+        save(path, data)
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path} as UTF-8 text: {e}")
+
+
+def gpt2():
+    # r50k_base is GPT-2's tokenizer (same ranks and regex); the "gpt2" name needs extra files to download
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('r50k_base')
+    except Exception as e:
+        fail(f"could not load the GPT-2 tokenizer r50k_base ({one_line(e)}); tiktoken downloads it once, "
+             "so check your network or set TIKTOKEN_CACHE_DIR to a cache that holds it")
+
+
+# ----------------------------------------------------------------------------- char-level vocabulary
+
+def char_vocab(chars, source):
+    """The characters sorted, so the same text always gets the same ids; at most 65,536 fit in uint16."""
+    chars = sorted(chars)
+    if len(chars) > 2**16:
+        fail(f"{source} has {len(chars):,} distinct characters; uint16 ids allow at most 65,536 (use --tokenizer=gpt2)")
+    return chars
+
+
+def code_points(chars):
+    """The vocabulary as the sorted array char_ids looks characters up in."""
+    return np.array([ord(c) for c in chars], dtype=np.uint32)
+
+
+def char_ids(text, codes):
+    """The id of each character of text: its rank among the vocabulary's code points (every one must be there)."""
+    # UTF-32 turns the text into code points without a Python object per character
+    # (surrogatepass: JSON can spell a lone surrogate, and it is a character of the vocabulary like any other)
+    points = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+    return np.searchsorted(codes, points).astype(np.uint16)
+
+
+def write_meta(out, chars):
+    # JSON, not pickle: loading a pickle can run arbitrary code
+    save(os.path.join(out, 'meta.json'), json.dumps({'vocab_size': len(chars), 'itos': chars}).encode())
+
+
+# ----------------------------------------------------------------------------- tokenizing in a pool
+
+def encode(batch, codes=None):
+    """{split: uint16 ids} of a batch of (split, item) pairs, item a text or EOT; GPT-2 BPE, or with codes, char ids.
+    Runs in the pool's processes."""
+    ids = collections.defaultdict(list)
+    if codes is None:
+        import tiktoken
+        enc = tiktoken.get_encoding('r50k_base')  # loaded once per process, then cached by tiktoken
+        for split, item in batch:
+            if isinstance(item, str):
+                ids[split].extend(enc.encode_ordinary(item))  # ordinary: "<|endoftext|>" in a text stays plain text
+            else:
+                ids[split].append(item)
+        ids = {split: np.array(v, dtype=np.uint32) for split, v in ids.items()}
+        assert all(v.max(initial=0) < 2**16 for v in ids.values()), "a token id does not fit in uint16"
+        return {split: v.astype(np.uint16) for split, v in ids.items()}
+    for split, item in batch:
+        ids[split].append(char_ids(item, codes))
+    return {split: np.concatenate(v) for split, v in ids.items()}
+
+
+def start_pool(num_proc):
+    """num_proc tokenizing processes (none for 1). Start them before anything that makes threads (datasets,
+    pyarrow): forking a process with threads running can deadlock. The workers ignore Ctrl-C, so only this
+    process handles it (and saves what it has)."""
+    global pool, pool_size
+    if num_proc > 1:
+        pool = multiprocessing.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+        pool_size = num_proc
+
+
+def stop_pool():
+    global pool
+    if pool is not None:
+        pool.terminate()
+        pool = None
+
+
+def tokenized(batches, codes=None):
+    """(info, {split: ids}) for each (info, batch) of batches, in order (see encode for a batch; info is passed on)."""
+    if pool is None:
+        for info, batch in batches:
+            yield info, encode(batch, codes)
+        return
+    # not pool.imap: it reads its whole input as fast as it can, which for billions of tokens means into memory;
+    # a bounded queue of async tasks keeps the order and the memory small while all processes stay busy
+    pending = collections.deque()
+    for info, batch in batches:
+        pending.append((info, pool.apply_async(encode, (batch, codes))))
+        if len(pending) >= 2 * pool_size:
+            info, result = pending.popleft()
+            yield info, result.get()
+    while pending:
+        info, result = pending.popleft()
+        yield info, result.get()
+
+
+# ----------------------------------------------------------------------------- bins and progress
+
+def write_bins(out, ids):
+    """A small dataset held in memory: {split: ids} -> out/<split>.bin, each written whole or not at all."""
+    for split, v in ids.items():
+        save(os.path.join(out, f'{split}.bin'), np.asarray(v, dtype=np.uint16).tobytes())
+
+
+def open_bins(out, tokens=None):
+    """{'train': file, 'val': file} appending to out/<split>.bin.tmp; finish_bins gives them their real names.
+    tokens None: a fresh run, whose .tmp files are removed if it fails. Else a resumed run: each bin is cut back
+    to the tokens[split] ids that progress.json counted (a finished <split>.bin being extended is moved back to
+    its .tmp name first, so train.py never reads a bin while it grows)."""
+    files = {}
+    for split in ('train', 'val'):
+        path = os.path.join(out, f'{split}.bin')
+        if tokens is None:
+            files[split] = open(path + '.tmp', 'wb')
+            unfinished.append(path + '.tmp')
+            continue
+        if not os.path.exists(path + '.tmp') and os.path.exists(path):
+            os.replace(path, path + '.tmp')
+        files[split] = open(path + '.tmp', 'ab')
+        files[split].truncate(2 * tokens[split])  # anything after it was written after the last checkpoint
+    return files
+
+
+def sync(files):
+    for f in files.values():
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finish_bins(files):
+    """Close the .tmp bins and rename them to out/<split>.bin: on disk first, so a crash never leaves a short bin."""
+    sync(files)
+    for f in files.values():
+        f.close()
+        os.replace(f.name, f.name.removesuffix('.tmp'))
+        if f.name in unfinished:
+            unfinished.remove(f.name)
+
+
+def checkpoint(state, files, path):
+    # the bins reach the disk before the record that counts them, so the record never claims more than is there
+    sync(files)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves either the old record or the new one
+
+
+def read_progress(path, out, fields):
+    """The state an earlier run saved in progress.json (None if there is none), every field checked against fields
+    ({key: type or tuple of types}; 'tokens' is always {'train': int, 'val': int}) and its counts against the bins
+    in out, so a damaged record stops the run in one line before anything is written."""
+    if not os.path.exists(path):
+        return None
+    fix = f"delete {path} to start over (the bins are then rewritten from the start)"
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path} is damaged ({one_line(e)}); {fix}")
+    if not isinstance(state, dict):
+        fail(f"{path} is damaged (it holds a {type(state).__name__}, not a record); {fix}")
+    fields = {**fields, 'tokens': dict}
+    missing = [k for k in fields if k not in state]
+    if missing:
+        fail(f"{path} is damaged (no {', '.join(missing)}); {fix}")
+    for key, types in fields.items():
+        types = types if isinstance(types, tuple) else (types,)
+        # exact types: JSON's true is a bool, and a bool is not a count
+        if type(state[key]) not in types or (type(state[key]) is int and state[key] < 0):
+            fail(f"{path} is damaged ({key} is {state[key]!r}); {fix}")
+    tokens = state['tokens']
+    if sorted(tokens) != ['train', 'val'] or any(type(n) is not int or n < 0 for n in tokens.values()):
+        fail(f"{path} is damaged (tokens is {tokens!r}); {fix}")
+    for split, n in tokens.items():
+        bin_path = os.path.join(out, f'{split}.bin')
+        bin_path += '.tmp' if os.path.exists(bin_path + '.tmp') else ''  # a run in progress writes the .tmp
+        size = os.path.getsize(bin_path) if os.path.exists(bin_path) else 0
+        if size < 2 * n:
+            fail(f"{bin_path} holds {size // 2:,} tokens but {path} counts {n:,}; {fix}")
+    return state
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+def load_docs(dataset, name=None, streaming=False):
+    """The 'train' split of dataset: a local directory or .json(l)/.parquet/.csv/.txt file when that path exists,
+    else a Hub dataset (subset name). A local file that cannot be read is reported as damaged, never as a network
+    problem; streaming, that shows only when reading starts, so read the first document with unreadable() at hand."""
+    # the documents never go to a torch DataLoader, so spare datasets the seconds it spends importing torch for one
+    os.environ.setdefault('USE_TORCH', '0')
+    import datasets  # imported here: it is slow to import, and the callers' checks before this are not
+    local = os.path.exists(dataset)
+    if not local and (dataset.startswith(('.', '/', '~')) or dataset.count('/') > 1):
+        fail(f"no such file or directory: {dataset}")  # clearly a path, not a Hub name like 'owner/name'
+    if local:
+        # a damaged file makes datasets log its own error lines and progress bars; the user gets ours, in one line
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        if os.path.isfile(dataset):
+            # a single file needs its format named; a directory (or a Hub name) is recognised by datasets itself
+            ext = dataset.removesuffix('.gz').rsplit('.', 1)[-1].lower()
+            builder = {'json': 'json', 'jsonl': 'json', 'parquet': 'parquet', 'csv': 'csv', 'txt': 'text'}.get(ext)
+            if builder is None:
+                fail(f"don't know how to read {dataset}: use a .json, .jsonl, .parquet, .csv or .txt file, "
+                     f"or a directory of them")
+            return datasets.load_dataset(builder, data_files=dataset, split='train', streaming=streaming)
+        return datasets.load_dataset(dataset, name=None if local else name, split='train', streaming=streaming)
+    except Exception as e:
+        fail(unreadable(dataset, e))
+
+
+def unreadable(dataset, e):
+    """What to tell the user when reading dataset raised e."""
+    if os.path.exists(dataset):
+        where = 'it is' if os.path.isfile(dataset) else 'a file in it is'
+        return (f"could not read the local dataset {dataset} ({one_line(e)}): {where} corrupt or not in the format "
+                f"its name says; fix or remove it")
+    if isinstance(e, ConnectionError):
+        return (f"could not reach the Hugging Face Hub for '{dataset}' ({one_line(e)}); check your network, "
+                f"or pass --dataset=LOCAL_PATH (a directory or .jsonl/.parquet file with a 'text' column)")
+    if isinstance(e, FileNotFoundError):
+        return f"dataset '{dataset}' is neither a local path nor found on the Hub ({one_line(e)})"
+    return f"could not load '{dataset}': {one_line(e)}"
