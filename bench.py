@@ -1,11 +1,10 @@
 """
 Benchmarks: one command per figure, each printing a small table (results: docs/BENCHMARKS.md).
-$ python bench.py                         # GPT-2 124M training step: ms/iter, tokens/s, MFU, peak memory
+$ python bench.py                         # GPT-2 124M training step of train.py: ms/iter, tokens/s, MFU, peak memory
 $ python bench.py --attn_type=SM,GK,GKpoly-8,PA_relu --n_layer=6 --n_head=6 --n_embd=384 --block_size=256
 $ python bench.py --n_layer=48 --n_head=25 --n_embd=1600 --bias=True --batch_size=1   # gpt2-xl fine-tuning memory
 $ python bench.py --activation_checkpointing=True --compile_mode=max-autotune          # try a lever
-$ python bench.py --profile=True          # also a PyTorch profiler trace in bench_trace/
-$ python bench.py --mode=sample           # generation with vs without the KV cache
+$ python bench.py --mode=sample           # generation: no cache vs static KV cache vs compiled, against the bound
 $ python bench.py --mode=data             # tokenising with 1 process vs a pool; batches from the memmap
 $ python bench.py --mode=eval             # val-loss tokens/s; HellaSwag examples/s one at a time vs batched
 """
@@ -15,7 +14,6 @@ import json
 import os
 import random
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,7 +57,6 @@ device = 'auto'
 dtype = 'auto'
 compile = None  # None = on for CUDA, off elsewhere
 compile_mode = 'default'  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
-profile = False  # write a torch.profiler trace of the timed steps to bench_trace/
 # -----------------------------------------------------------------------------
 configure(globals())
 if mode not in ('train', 'sample', 'data', 'eval'):
@@ -81,29 +78,6 @@ compile = pick_compile(compile, device)
 ctx = autocast(device_type, dtype)
 peak = device_peak_flops(device, dtype)
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def reset_peak_memory():
-    """start a new peak: CUDA's allocator counter, or on Linux the process's resident high-water mark"""
-    if device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # resets VmHWM, so each row reports its own peak, not the highest so far
-        except OSError:
-            pass
-
-
-def peak_memory_gb():
-    """peak device memory (cuda) or peak resident memory of this process (cpu, mps) since reset_peak_memory()"""
-    if device_type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    try:
-        with open('/proc/self/status') as f:
-            return int(re.search(r'VmHWM:\s*(\d+) kB', f.read()).group(1)) / 1e6
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux; the peak of the whole run
 
 
 def make_model(attn):
@@ -142,50 +116,48 @@ def batches():
             fail(f"{path} {e}: use --vocab_size to match the data (GPT-2 BPE: 50257)")
 
 
-def bench_train(attn):
-    model = make_model(attn)
-    optimizers = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    step_model = compiled(model)
-    data = batches()
-    X, Y = next(data)
-
-    def step():
-        nonlocal X, Y
-        with ctx:
-            _, loss = step_model(X, Y)
-        X, Y = next(data)  # the next batch loads while the device computes
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(warmup_iters):
-        step()
-    sync(device)
-    reset_peak_memory()
-    prof = None
-    if profile:
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
-        prof = torch.profiler.profile(activities=acts, record_shapes=True, with_stack=False,
-                                      on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace'))
-        prof.start()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        loss = step()
-        if prof:
-            prof.step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / iters
-    if prof:
-        prof.stop()
-        print(f"profiler trace written to bench_trace/ ({attn})")
-    flops = model.estimate_mfu(batch_size, dt, 1.0)  # achieved FLOP/s (peak of 1)
-    mfu = model.estimate_mfu(batch_size, dt, peak)
+def bench_train(attn, tmp):
+    """train.py itself, not a copy of its step: warmup_iters untimed steps, then iters timed ones, on random tokens
+    (or --real_data). Its own log gives the step time (evals and the first step are outside it) and MFU; peak
+    memory is CUDA's allocator peak, which train.py prints, or on CPU the process's resident high-water mark."""
+    data = os.path.join(REPO, 'data', dataset)
+    if not real_data:
+        data = os.path.join(tmp, 'random')
+        if not os.path.isdir(data):
+            os.makedirs(data)
+            rng = np.random.default_rng(seed)
+            for split in ('train', 'val'):
+                rng.integers(vocab_size, size=max(10**6, 4 * (block_size + 1)), dtype=np.uint16).tofile(
+                    os.path.join(data, f'{split}.bin'))
+            if vocab_size != 50257:  # train.py reads any other vocabulary size from a char-level meta.json
+                with open(os.path.join(data, 'meta.json'), 'w') as f:
+                    json.dump({'vocab_size': vocab_size, 'itos': [chr(0x100 + i) for i in range(vocab_size)]}, f)
+    out = os.path.join(tmp, f'out-{attn}')
+    steps = warmup_iters + iters
+    flags = dict(data_dir=data, out_dir=out, overwrite=True, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                 block_size=block_size, batch_size=batch_size, bias=bias, attn_type=attn, dropout=0.0,
+                 activation_checkpointing=activation_checkpointing, gradient_accumulation_steps=1, max_iters=steps,
+                 lr_decay_iters=steps, warmup_iters=0, eval_iters=1, eval_interval=steps, log_interval=1,
+                 always_save_checkpoint=False, device=str(device), dtype=dtype, compile=compile,
+                 compile_mode=compile_mode, seed=seed)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *(f'--{k}={v}' for k, v in flags.items())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use: its peak resident memory
+    if status:
+        fail(f"train.py failed for attn_type {attn}: {output.strip().splitlines()[-1] if output.strip() else status}")
+    records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    timed = [r for r in records if r['loss'] is not None][-iters:]
+    if any(r['tokens_per_sec'] is None for r in timed):
+        fail("some timed steps were untimed (an eval or a checkpoint among them); raise --warmup_iters")
+    dt = sum(batch_size * block_size / r['tokens_per_sec'] for r in timed) / len(timed)
+    gpu_peak = re.search(r'peak GPU memory ([\d.]+) GB', output)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd, bias=bias, attn_type=attn))
+    mfu = timed[-1]['mfu']
     return {'attn_type': attn, 'ms/iter': dt * 1000, 'tokens/s': batch_size * block_size / dt,
-            'TFLOP/s': flops / 1e12, 'MFU': f"{mfu * 100:.1f}%" if mfu else 'n/a',
-            'peak mem GB': peak_memory_gb(), 'loss': loss.item()}
+            'TFLOP/s': model.estimate_mfu(batch_size, dt, 1.0) / 1e12, 'MFU': f"{mfu * 100:.1f}%" if mfu else 'n/a',
+            'peak mem GB': float(gpu_peak.group(1)) if gpu_peak else usage.ru_maxrss / 1e6, 'loss': timed[-1]['loss']}
 
 
 def bandwidth():
@@ -214,8 +186,8 @@ def bench_sample(attn):
     bw = bandwidth()
     print(f"weights read per decode step {weight_bytes / 1e6:,.1f} MB; measured read bandwidth {bw / 1e9:,.1f} GB/s; "
           f"bound {bw / weight_bytes:,.1f} steps/s")
-    paths = ([('no cache', dict(use_cache=False))] if no_cache else []) + \
-        [('kv cache', {}), ('kv cache, compiled', dict(compile=True))]
+    paths = ([('no cache', dict(use_cache=False))] if no_cache else []) + [('kv cache', {})] + \
+        ([('kv cache, compiled', dict(compile=True))] if compile else [])  # --compile=True on CPU
     rows = []
     for B in sorted({1, sample_batch}):
         prompt = torch.randint(vocab_size, (B, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -376,7 +348,8 @@ if mode != 'data':
            f"token(s), {max_new_tokens} new, temperature {temperature}") +
           (", activation checkpointing" if activation_checkpointing else ''))
 if mode == 'train':
-    table([bench_train(a) for a in attn_type.split(',')])
+    with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
+        table([bench_train(a, tmp) for a in attn_type.split(',')])
 elif mode == 'sample':
     table([r for a in attn_type.split(',') for r in bench_sample(a)])
 elif mode == 'data':

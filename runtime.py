@@ -9,8 +9,12 @@ read the facts off this machine and call them.
 """
 
 import contextlib
+import json
 import os
+import random
+import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -296,7 +300,194 @@ def print0(*args, **kwargs):
         sys.stdout.flush()
 
 
+# -- a training run's surroundings: the launcher, wandb, the token files, the random generators, the log ------
+
+def slurm_as_torchrun():
+    """srun starting every task itself (no torchrun): its variables mapped onto torchrun's, so one code path
+    serves both. MASTER_ADDR / MASTER_PORT come from the sbatch script."""
+    env = os.environ
+    if 'RANK' in env or int(env.get('SLURM_NTASKS', 1)) <= 1:
+        return
+    if not (env.get('MASTER_ADDR') and env.get('MASTER_PORT')):
+        fail("several Slurm tasks but no MASTER_ADDR / MASTER_PORT: export them in the sbatch script before srun "
+             "(MASTER_ADDR = the first node of the job)")
+    env.update(RANK=env['SLURM_PROCID'], LOCAL_RANK=env.get('SLURM_LOCALID', '0'), WORLD_SIZE=env['SLURM_NTASKS'])
+    if env.get('SLURM_NTASKS_PER_NODE', '').isdigit():
+        env['LOCAL_WORLD_SIZE'] = env['SLURM_NTASKS_PER_NODE']
+
+
+def check_wandb():
+    """the wandb module, once it is importable and has an API key (or logs offline); one line otherwise"""
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package (pip install wandb), or set --wandb_log=False")
+    if os.environ.get('WANDB_MODE') in ('offline', 'disabled', 'dryrun') or os.environ.get('WANDB_API_KEY'):
+        return wandb
+    try:
+        logged_in = wandb.login(prompt=False)
+    except Exception:
+        logged_in = True  # a key exists but could not be verified now: wandb.init will say more
+    if not logged_in:
+        fail("wandb_log=True but no W&B API key is set: run `wandb login` (or set WANDB_API_KEY), or log "
+             "offline with WANDB_MODE=offline")
+    return wandb
+
+
+def open_token_files(data_dir, dataset, block_size):
+    """train.bin / val.bin memmapped once (uint16 token ids) and meta.json's char vocabulary (None for GPT-2 BPE);
+    a missing, cut-short or too-small file and a damaged meta.json are each one line saying what to run"""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            how = f"python data/{dataset}/prepare.py" if os.path.isfile(os.path.join(repo, 'data', dataset, 'prepare.py')) \
+                else f"python data/text/prepare.py --input=YOUR_FILES --name={dataset}"
+            fail(f"dataset '{dataset}' is not prepared (no {split}.bin in {data_dir}); run: {how}")
+        size = os.path.getsize(path)
+        if size % 2:
+            fail(f"{path} has an odd number of bytes ({size}), so it is not uint16 token ids (cut short?); "
+                 f"re-run the dataset's prepare.py")
+        if size <= 2 * (block_size + 1):
+            fail(f"{path} has {size // 2} tokens, fewer than one block ({block_size} + 1); use a smaller "
+                 f"--block_size or more data")
+    meta, path = None, os.path.join(data_dir, 'meta.json')
+    if os.path.exists(path):
+        try:
+            meta = json.load(open(path, encoding='utf-8'))
+        except (ValueError, UnicodeDecodeError) as e:
+            fail(f"{path} is not valid JSON ({str(e)[:80]}); re-run the dataset's prepare.py")
+        if not (isinstance(meta, dict) and isinstance(meta.get('itos'), list) and meta.get('vocab_size') == len(meta['itos'])):
+            fail(f"{path} must hold vocab_size and itos (the character vocabulary); re-run the dataset's prepare.py")
+    return {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}, meta
+
+
+def rng_state(device_type):
+    """this process's random generators as plain tensors and lists (a checkpoint loads them with weights_only)"""
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': [torch.from_numpy(np_state[1].astype(np.int64)), list(np_state[2:])],
+            'python': [random.getstate()[0], list(random.getstate()[1])]}
+
+
+def set_rng_state(state, device_type):
+    torch.set_rng_state(state['torch'])
+    if device_type == 'cuda' and state.get('cuda') is not None:
+        torch.cuda.set_rng_state(state['cuda'])
+    np.random.set_state(('MT19937', state['numpy'][0].numpy().astype(np.uint32), *state['numpy'][1]))
+    random.setstate((state['python'][0], tuple(state['python'][1]), None))
+
+
+def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
+    """FSDP2 over all processes: each block is a unit (its weights gathered just for its forward / backward), then
+    the root, which owns the embeddings, ln_f and the tied wte / lm_head weight (one parameter, sharded once, so it
+    stays tied). A block's weights are gathered in `dtype` but its input is not cast, so the residual stream stays
+    float32 as under DDP with autocast; the root keeps float32 weights, which autocast casts for the head as under
+    DDP; gradients are reduced in float32. (Left different from DDP: LayerNorm gains are rounded to `dtype`.)
+    compile_mode (None = no compile): per block and the head, before sharding; dynamo does not trace into FSDP's
+    hooks, so compiling the root would cover neither the head nor the loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if compile_mode:
+        for block in model.transformer.h:
+            block.compile(mode=compile_mode)
+        model.head = torch.compile(model.head, mode=compile_mode)
+    mesh = init_device_mesh(device_type, (world_size,))  # explicit: torch would otherwise pick the build's accelerator
+    blocks = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=blocks)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+
+
+def stop_on_signals(rank):
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set flag['stop']: the loop checkpoints at the next step boundary and
+    exits cleanly. A second Ctrl-C stops at once."""
+    flag = {'stop': False}
+
+    def request(signum, frame):
+        if flag['stop'] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag['stop'] = True
+        print(f"[rank {rank}] got signal {signum}: checkpointing at the end of this step", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, request)
+    signal.signal(signal.SIGINT, request)
+    return flag
+
+
+def load_optimizer_state(model, optimizers, state, sharded, path):
+    """a checkpoint's optimizer state, keyed by parameter name with whole tensors (any world size, sharded or not,
+    reads it); an earlier version's plain state_dict (parameters numbered) is read into the one AdamW"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state['param_groups'] and isinstance((state['param_groups'][0]['params'] or [''])[0], int):
+        if sharded or len(optimizers) > 1:
+            fail(f"{path} is in an older format: resume it once with one process and AdamW, then as you wish")
+        optimizers[0].load_state_dict(state)
+    else:
+        set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=sharded))
+
+
+def step_optimizers(optimizers, scaler, finite):
+    """apply the step unless the loss or gradients were not finite: the GradScaler skips such steps itself (float16),
+    fused AdamW on the device (no host sync); otherwise one sync decides"""
+    if scaler.is_enabled():
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+    elif len(optimizers) == 1 and optimizers[0].defaults.get('fused'):
+        optimizers[0].found_inf = (~finite).float()
+        optimizers[0].step()
+    elif finite.item():
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def append_log(path, record, wandb=None):
+    """one record, every key always present, appended to log.jsonl (and sent to wandb)"""
+    full = {k: record.get(k) for k in ('iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm',
+                                       'tokens_per_sec', 'mfu', 'time')}
+    full['time'] = time.time()
+    with open(path, 'a') as f:
+        f.write(json.dumps(full) + '\n')
+    if wandb:
+        wandb.log({k: v for k, v in full.items() if v is not None and k != 'iter'}, step=full['iter'])
+
+
+def trim_log(path, iter_num):
+    """a resumed run's log.jsonl keeps the records up to its checkpoint: later steps, and the evals at the
+    checkpoint's step, run again. Lines cut short by a crash are dropped."""
+    kept = []
+    for line in open(path, encoding='utf-8', errors='replace') if os.path.exists(path) else []:
+        try:
+            r = json.loads(line)
+            if r['iter'] < iter_num or (r['iter'] == iter_num and r['loss'] is not None):
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
 # -- batches ----------------------------------------------------------------------------------------------
+
+def eval_offsets(n_tokens, block_size, batch_size, eval_iters, full, seed, rank=0, world_size=1):
+    """[(start offsets, weight)] one process evaluates on a split of n_tokens: eval_iters random batches (the same
+    ones at every eval), or with full=True every non-overlapping block once. Every process gets as many batches
+    (under FSDP all take part in every forward); the padding ones have weight 0. Weights count blocks, so the
+    weighted mean over all processes is exact."""
+    if full:
+        blocks = torch.arange((n_tokens - 1) // block_size) * block_size
+        mine, n = list(blocks[rank::world_size].split(batch_size)), -(-len(blocks[0::world_size]) // batch_size)
+    else:
+        mine = list(draw_offsets(torch.Generator().manual_seed(seed + 1), n_tokens, block_size, eval_iters, batch_size,
+                                 rank, world_size))
+        n = -(-eval_iters // world_size) if eval_iters >= world_size else eval_iters
+    return [(b, len(b)) for b in mine] + [(mine[-1] if mine else torch.zeros(1, dtype=torch.long), 0)] * (n - len(mine))
+
 
 def draw_offsets(generator, n_tokens, block_size, n_micro, batch_size, rank=0, world_size=1):
     """Start offsets of n_micro micro-batches of batch_size windows (block_size + 1 tokens each) in n_tokens,

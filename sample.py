@@ -10,7 +10,6 @@ token is one CUDA graph replay (see the README for when it pays elsewhere).
 """
 
 import codecs
-import os
 import sys
 
 import torch

@@ -14,11 +14,9 @@ bottom: settings, checks, processes and devices, data, model, optimizer, checkpo
 schedule, the loop. The hardware decisions themselves (which GPU, dtype, compile, peak FLOP/s) are in runtime.py.
 """
 
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -27,14 +25,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail, writable_dir
 from model import GPT, GPTConfig
-from runtime import (autocast, device_peak_flops, draw_offsets, gpt2_encoding, grad_scaler, load_checkpoint,
-                     model_from_checkpoint, pick_compile, pick_device, pick_dtype, print0, read_batch, save_atomic, sync)
+from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
+                     gpt2_encoding, grad_scaler, load_checkpoint, load_optimizer_state, model_from_checkpoint,
+                     open_token_files, pick_compile, pick_device, pick_dtype, print0, read_batch, rng_state,
+                     save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers, stop_on_signals, sync, trim_log)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -96,6 +95,7 @@ fsdp = False  # with several processes: shard the model over them (FSDP2) instea
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda' (under torchrun: the GPU of the local rank), 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where native, float16 + GradScaler on older GPUs, float32 on cpu), or set one
 compile = None  # torch.compile the model; None = on for CUDA GPUs that support it, off elsewhere
+compile_mode = 'default'  # or 'max-autotune': minutes more compiling for faster kernels; 'reduce-overhead': CUDA graphs
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -130,6 +130,9 @@ for ok, what in ((learning_rate > 0, 'learning_rate must be positive'), (min_lr 
                   'hellaswag_limit must be a positive integer or None')):
     if not ok:
         fail(f"{what}; check the flag or config file that sets it")
+if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
+    fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or "
+         f"max-autotune-no-cudagraphs")
 if optimizer not in ('adamw', 'muon'):
     fail(f"unknown optimizer '{optimizer}'; use adamw or muon")
 if optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
@@ -148,14 +151,7 @@ if not eval_only:
              f"--overwrite=True (or choose another --out_dir)")
 
 # -- processes and devices ---------------------------------------------------------
-if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', 1)) > 1:  # srun without torchrun
-    if not (os.environ.get('MASTER_ADDR') and os.environ.get('MASTER_PORT')):
-        fail("several Slurm tasks but no MASTER_ADDR / MASTER_PORT: export them in the sbatch script before srun "
-             "(MASTER_ADDR = the first node of the job)")
-    os.environ.update(RANK=os.environ['SLURM_PROCID'], LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
-                      WORLD_SIZE=os.environ['SLURM_NTASKS'])
-    if os.environ.get('SLURM_NTASKS_PER_NODE', '').isdigit():
-        os.environ['LOCAL_WORLD_SIZE'] = os.environ['SLURM_NTASKS_PER_NODE']
+slurm_as_torchrun()
 ddp = 'RANK' in os.environ  # launched by torchrun (or srun)?
 if fsdp and not ddp:
     fail("fsdp=True shards the model over several processes: launch with torchrun (or srun), or drop --fsdp")
@@ -173,43 +169,11 @@ if gradient_accumulation_steps % world_size:
          f"processes ({world_size}); pick a multiple of {world_size}")
 accum_local = gradient_accumulation_steps // world_size  # micro-steps this process runs per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if wandb_log and master and not eval_only:
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs the wandb package (pip install wandb), or set --wandb_log=False")
-    if os.environ.get('WANDB_MODE') not in ('offline', 'disabled', 'dryrun') and not os.environ.get('WANDB_API_KEY'):
-        try:
-            logged_in = wandb.login(prompt=False)
-        except Exception:
-            logged_in = True  # a key exists but could not be verified now: let wandb.init deal with it
-        if not logged_in:
-            fail("wandb_log=True but no W&B API key is set: run `wandb login` (or set WANDB_API_KEY), or log "
-                 "offline with WANDB_MODE=offline")
+wandb = check_wandb() if wandb_log and master and not eval_only else None
 
 # -- data: train.bin / val.bin are uint16 token ids, memmapped once ----------------------
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.isfile(path):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'prepare.py')
-        how = f"python data/{dataset}/prepare.py" if os.path.isfile(script) else \
-            f"python data/text/prepare.py --input=YOUR_FILES --name={dataset}"
-        fail(f"dataset '{dataset}' is not prepared (no {split}.bin in {data_dir}); run: {how}")
-    if os.path.getsize(path) % 2 or os.path.getsize(path) <= 2 * (block_size + 1):
-        fail(f"{path} has {os.path.getsize(path)} bytes: " + ("an odd size, so not uint16 token ids (cut short?); "
-             "re-run the dataset's prepare.py" if os.path.getsize(path) % 2 else
-             f"fewer tokens than one block ({block_size} + 1); use a smaller --block_size or more data"))
-meta_path = os.path.join(data_dir, 'meta.json')
-meta = None  # a char-level vocabulary, or None for GPT-2 BPE
-if os.path.exists(meta_path):
-    try:
-        meta = json.load(open(meta_path, encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as e:
-        fail(f"{meta_path} is not valid JSON ({e}); re-run the dataset's prepare.py")
-    if not (isinstance(meta, dict) and isinstance(meta.get('itos'), list) and meta.get('vocab_size') == len(meta['itos'])):
-        fail(f"{meta_path} must hold vocab_size and itos (the character vocabulary); re-run the dataset's prepare.py")
-splits = {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}
+splits, meta = open_token_files(data_dir, dataset, block_size)  # meta: a char vocabulary, or None for GPT-2 BPE
 if hellaswag_interval:  # examples (downloaded once) are checked now, before any file is touched
     if meta:
         fail("hellaswag_interval needs a GPT-2 BPE model; this dataset is char-level: set --hellaswag_interval=0")
@@ -223,30 +187,33 @@ elif sample_interval:
     encode, decode = enc.encode_ordinary, enc.decode
 
 # -- the model -----------------------------------------------------------------
+def refuse_contradictions(have, source, fix):
+    """a flag given here that contradicts the weights being loaded is a mistake, not a request: one line"""
+    for k, v in have.items():
+        if k in overrides and overrides[k] != v:
+            fail(f"--{k}={overrides[k]!r} conflicts with {source}'s {k}={v!r}; {fix}")
+
+
 torch.manual_seed(seed)  # the same initial weights on every process
-model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'attn_type')
 iter_num, best_val_loss = 0, 1e9
 try:
     if init_from == 'scratch':
         vocab_size = meta['vocab_size'] if meta else 50257
         print0(f"initializing a new model from scratch, vocab_size {vocab_size}")
-        model = GPT(GPTConfig(**{k: globals()[k] for k in model_keys}))
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                              vocab_size=vocab_size, dropout=dropout, attn_type=attn_type))
     elif init_from in ('resume', 'finetune'):
         if init_from == 'finetune':
             ckpt_path = os.path.join(finetune_from or out_dir, 'ckpt.pt')
             print0(f"finetuning from {ckpt_path}")
             ckpt = load_checkpoint(ckpt_path)
-        args = ckpt['model_args']
-        # the same weights: a shape flag that contradicts the checkpoint is a mistake (finetune may change attention)
-        fixed = ('n_layer', 'n_head', 'n_embd', 'bias') + (('attn_type',) if init_from == 'resume' else ())
-        clash = [(k, args[k]) for k in fixed if k in overrides and overrides[k] != args[k]]
-        if init_from == 'resume' and block_size != args['block_size']:
-            clash.append(('block_size', args['block_size']))
-        if init_from == 'resume' and optimizer != ckpt['config'].get('optimizer', 'adamw'):
-            clash.append(('optimizer', ckpt['config'].get('optimizer', 'adamw')))
-        if clash:
-            fail(f"--{clash[0][0]}={globals()[clash[0][0]]!r} conflicts with the checkpoint's {clash[0][0]}="
-                 f"{clash[0][1]!r}; drop the flag, or start a new run with init_from='finetune' and a new out_dir")
+        args = ckpt['model_args']  # the same weights, so the same shape (a finetune may change the attention)
+        same = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'bias')}
+        if init_from == 'resume':
+            same.update(attn_type=args['attn_type'], block_size=args['block_size'],
+                        optimizer=ckpt['config'].get('optimizer', 'adamw'))
+        refuse_contradictions(same, 'the checkpoint', "drop the flag, or start a new run with init_from='finetune' "
+                                                      "and a new out_dir")
         model = model_from_checkpoint(ckpt, {'dropout': dropout, 'attn_type': attn_type if 'attn_type' in overrides
                                              else args['attn_type']}, ckpt_path)
         if init_from == 'resume':
@@ -254,10 +221,8 @@ try:
     else:
         print0(f"initializing from OpenAI GPT-2 weights: {init_from}")
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
-        clash = [k for k in ('n_layer', 'n_head', 'n_embd', 'bias') if k in overrides and overrides[k] != getattr(model.config, k)]
-        if clash:
-            fail(f"--{clash[0]}={globals()[clash[0]]!r} conflicts with {init_from}'s {clash[0]}="
-                 f"{getattr(model.config, clash[0])!r}; a pretrained model's shape is fixed: drop the flag")
+        refuse_contradictions({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
+                              init_from, "a pretrained model's shape is fixed: drop the flag")
 except (ValueError, OSError) as e:
     fail(str(e))
 if block_size > model.config.block_size:
@@ -282,29 +247,14 @@ if ddp:  # device_id binds the group to this process's GPU (and connects NCCL at
     dist.init_process_group(backend, device_id=device if device_type == 'cuda' else None)
 raw_model = model  # the GPT itself (sharded under FSDP), whatever compile and DDP wrap around it below
 if fsdp:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if compile:  # per block and the head: dynamo does not trace into FSDP's hooks, so compiling the root covers neither
-        for block in model.transformer.h:
-            block.compile()
-        model.head = torch.compile(model.head)
-    # Each block is a unit (its weights are gathered just for its forward / backward), then the root, which owns the
-    # embeddings, ln_f and the tied wte / lm_head weight: one parameter, sharded once, so it stays tied. A block's
-    # weights are gathered in `dtype`; its input is not cast, so the residual stream stays float32 as under DDP with
-    # autocast, and the root keeps float32 weights that autocast casts for the head as under DDP. Gradients are
-    # reduced in float32. The one difference left from DDP: LayerNorm gains are rounded to `dtype` when gathered.
-    mesh = init_device_mesh(device_type, (world_size,))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, dtype),
-                                                                     reduce_dtype=torch.float32, cast_forward_inputs=False))
-    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    fsdp_shard(model, device_type, dtype, world_size, compile_mode if compile else None)
 elif compile:
     print0("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
+    model = torch.compile(model, mode=compile_mode)
 if ddp and not fsdp:
     model = DDP(model, device_ids=[device.index] if device_type == 'cuda' else None)
 ctx = autocast(device_type, dtype)
-peak = device_peak_flops(device, dtype)
+peak = device_peak_flops(device, dtype)  # for MFU: None on CPU and unknown GPUs
 
 # -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
 # (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 uses the unfused one)
@@ -313,13 +263,7 @@ optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1,
                                             muon_lr=muon_lr if optimizer == 'muon' else None, muon_momentum=muon_momentum)
 scaler = grad_scaler(device_type, dtype, sharded=fsdp)
 if init_from == 'resume':
-    state = ckpt['optimizer']
-    if state['param_groups'] and isinstance((state['param_groups'][0]['params'] or [''])[0], int):
-        if fsdp:  # written by an earlier version: a plain state_dict, parameters numbered
-            fail(f"{ckpt_path} is in an older format: resume it once without --fsdp, then with it")
-        optimizers[0].load_state_dict(state)
-    else:  # keyed by parameter name, whole tensors: any world size, sharded or not, reads it
-        set_optimizer_state_dict(raw_model, optimizers, state, options=StateDictOptions(full_state_dict=fsdp))
+    load_optimizer_state(raw_model, optimizers, ckpt['optimizer'], fsdp, ckpt_path)
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
 torch.manual_seed(seed + rank)  # dropout differs per process; the batches come from `sampler` below
@@ -330,13 +274,8 @@ bad_steps = torch.zeros((), device=device)  # non-finite steps in a row, counted
 if init_from == 'resume':  # exact resume: every generator where it was
     sampler.set_state(ckpt['sampler'])
     bad_steps.fill_(ckpt.get('bad_steps', 0))
-    rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else None
-    if rng is not None:
-        torch.set_rng_state(rng['torch'])
-        if device_type == 'cuda' and rng.get('cuda') is not None:
-            torch.cuda.set_rng_state(rng['cuda'])
-        np.random.set_state(('MT19937', rng['numpy'][0].numpy().astype(np.uint32), *rng['numpy'][1]))
-        random.setstate((rng['python'][0], tuple(rng['python'][1]), None))
+    if rank < len(ckpt['rng']):  # a run resumed on more processes: the new ones keep their fresh seeds
+        set_rng_state(ckpt['rng'][rank], device_type)
 ckpt = None  # free it
 
 
@@ -356,28 +295,15 @@ def all_sum(t):
     return t
 
 
-def eval_batches(split):
-    """[(start offsets, weight)] this process evaluates: eval_iters random batches (the same ones every eval), or with
-    eval_full every block of val.bin once. Every process gets as many batches (FSDP gathers weights in each forward,
-    so all take part in every one); padding batches have weight 0."""
-    if split == 'val' and eval_full:
-        blocks = torch.arange((len(splits['val']) - 1) // block_size) * block_size  # non-overlapping windows
-        mine, n = list(blocks[rank::world_size].split(batch_size)), -(-len(blocks[0::world_size]) // batch_size)
-    else:
-        mine = list(draw_offsets(torch.Generator().manual_seed(seed + 1), len(splits[split]), block_size, eval_iters,
-                                 batch_size, rank, world_size))
-        n = -(-eval_iters // world_size) if eval_iters >= world_size else eval_iters
-    return [(b, len(b)) for b in mine] + [(mine[-1] if mine else torch.zeros(1, dtype=torch.long), 0)] * (n - len(mine))
-
-
 @torch.no_grad()
 def estimate_loss():
-    """mean loss per split over eval_batches, split across processes; weighted by blocks, so exact for eval_full"""
+    """mean loss per split, its batches split across processes; with eval_full the val loss is exact"""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for offsets, weight in eval_batches(split):
+        for offsets, weight in eval_offsets(len(splits[split]), block_size, batch_size, eval_iters,
+                                            eval_full and split == 'val', seed, rank, world_size):
             X, Y = get_batch(split, offsets)
             with ctx:
                 _, loss = model(X, Y)
@@ -400,23 +326,14 @@ def get_lr(it):
 
 
 # -- checkpoints and the log ------------------------------------------------------------
-def rng_state():
-    """this process's random generators, as plain tensors and lists (loadable with weights_only=True)"""
-    np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-            'numpy': [torch.from_numpy(np_state[1].astype(np.int64)), list(np_state[2:])],
-            'python': [random.getstate()[0], list(random.getstate()[1])]}
-
-
 def save_checkpoint(name):
     """everything needed to continue exactly: weights, optimizer (keyed by parameter name, whole tensors, the same file
     with or without FSDP), scaler, step, every RNG, the sampler. ckpt_last.pt exists only while newer than ckpt.pt."""
     rngs = [None] * world_size
     if ddp:
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(device_type))
     else:
-        rngs = [rng_state()]
+        rngs = [rng_state(device_type)]
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered to rank 0's CPU
     model_state = get_model_state_dict(raw_model, options=options) if fsdp else raw_model.state_dict()
     optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
@@ -437,52 +354,15 @@ def save_checkpoint(name):
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
-
-
-def log(record):
-    """append one record to out_dir/log.jsonl (every key always present) and to wandb"""
-    full = {k: record.get(k) for k in ('iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm',
-                                       'tokens_per_sec', 'mfu', 'time')}
-    full['time'] = time.time()
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(full) + '\n')
-    if wandb_log:
-        wandb.log({k: v for k, v in full.items() if v is not None and k != 'iter'}, step=full['iter'])
-
-
-# preemption: SIGTERM / SIGINT ask for a checkpoint at the next step boundary, then a clean exit
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    if stop_requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    stop_requested = True
-    print(f"[rank {rank}] got signal {signum}: checkpointing at the end of this step", file=sys.stderr)
-
-
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
+stop = stop_on_signals(rank)  # preemption: checkpoint at the next step, then exit cleanly
 
 # every check has passed: only now are files touched
 if master and not eval_only:
     os.makedirs(out_dir, exist_ok=True)
-    kept = []  # a resumed run keeps the log up to its checkpoint (later steps and the eval there run again)
-    if init_from == 'resume' and os.path.exists(log_path):
-        for line in open(log_path, encoding='utf-8', errors='replace'):
-            try:
-                r = json.loads(line)
-                if r['iter'] < iter_num or (r['iter'] == iter_num and r['loss'] is not None):
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a crash
-    elif os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
+    trim_log(log_path, iter_num)  # a fresh run (iter 0) starts an empty log
+    if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
         os.remove(os.path.join(out_dir, 'ckpt_last.pt'))  # a fresh run (--overwrite): the old stop point is not ours
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    os.replace(log_path + '.tmp', log_path)
-    if wandb_log:
+    if wandb:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 print0(f"tokens per step: {tokens_per_iter:,} ({world_size} process(es) x {accum_local} micro-steps x "
@@ -496,9 +376,9 @@ t_window, steps_window, first_step = time.time(), 0, True
 last_log_iter, local_loss = iter_num, torch.zeros((), device=device)
 while True:
     lr = get_lr(iter_num)
-    for opt, peak in zip(optimizers, (learning_rate, muon_lr)):  # Muon's peak is scaled as AdamW's is
+    for opt, top in zip(optimizers, (learning_rate, muon_lr)):  # Muon's peak lr is scaled as AdamW's is
         for group in opt.param_groups:
-            group['lr'] = peak * lr / learning_rate
+            group['lr'] = top * lr / learning_rate
 
     do_eval = iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only
     do_hellaswag = hellaswag_interval and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only)
@@ -516,7 +396,7 @@ while True:
         if eval_only:
             break
         if master:
-            log(record)
+            append_log(log_path, record, wandb)
         if do_eval and iter_num > 0 and math.isfinite(losses['val']) and (losses['val'] < best_val_loss
                                                                             or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
@@ -562,28 +442,17 @@ while True:
         grad_norm = grad_norm.full_tensor()  # a replicated DTensor: the norm over all shards, the same everywhere
     finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())  # loss too: a NaN loss can give NaN grads
     bad_steps = torch.where(finite, torch.zeros_like(bad_steps), bad_steps + 1)
-    if scaler.is_enabled():
-        for opt in optimizers:
-            scaler.step(opt)  # skips non-finite steps itself
-        scaler.update()
-    elif len(optimizers) == 1 and optimizers[0].defaults.get('fused'):
-        optimizers[0].found_inf = (~finite).float()  # fused AdamW skips the update on device: no host sync
-        optimizers[0].step()
-    elif finite.item():
-        for opt in optimizers:
-            opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    step_optimizers(optimizers, scaler, finite)
     iter_num += 1
     steps_window += 1
     if first_step:  # the first step compiles (and warms the allocator): not a step time
         sync(device)
         t_window, steps_window, first_step = time.time(), 0, False
 
-    if iter_num % log_interval == 0 or (stop_requested and not ddp):  # processes agree at log steps
-        stop = torch.tensor(float(stop_requested), device=device)
+    if iter_num % log_interval == 0 or (stop['stop'] and not ddp):  # processes agree at log steps
+        stopping = torch.tensor(float(stop['stop']), device=device)
         if ddp:  # every process must agree to stop at the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
         lossf = (all_sum(local_loss) / (world_size * (iter_num - last_log_iter))).item()  # waits for the device
         n_bad = int(bad_steps.item())
         dt = (time.time() - t_window) / steps_window if steps_window else None
@@ -594,8 +463,8 @@ while True:
                       (f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a")) if dt else "dt n/a (untimed)"
             print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | norm {grad_norm.item():.2f} | {timing}" +
                   (f" | skipped {n_bad}" if n_bad else ''))
-            log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': grad_norm.item(), 'tokens_per_sec': tps,
-                 'mfu': mfu})
+            append_log(log_path, {'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': grad_norm.item(),
+                                  'tokens_per_sec': tps, 'mfu': mfu}, wandb)
         if n_bad >= max_bad_steps:
             saved = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
             print0(f"error: {n_bad} steps in a row had a non-finite loss or gradient norm; stopping. " +
@@ -606,12 +475,14 @@ while True:
             sys.exit(3)
         t_window, steps_window, last_log_iter = time.time(), 0, iter_num
         local_loss = torch.zeros((), device=device)
-        if stop.item():
+        if stopping.item():
             save_checkpoint('ckpt.pt' if always_save_checkpoint else 'ckpt_last.pt')  # the best stays in ckpt.pt
             print0(f"stopped on request at step {iter_num}; continue with --init_from=resume")
             break
 
-if wandb_log and master and not eval_only:
+if device_type == 'cuda':
+    print0(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
+if wandb:
     wandb.finish()
 if ddp:
     # leave together, and drop DDP (its gloo work holds tensors) before the group: a process torn down while

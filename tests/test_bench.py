@@ -40,11 +40,15 @@ def test_train_rows_per_attention_and_activation_checkpointing():
     assert 'activation checkpointing' in p.stdout
 
 
-def test_sample_cache_gives_same_tokens():
-    p = run_script('bench.py', '--mode=sample', *TINY, '--vocab_size=65', '--max_new_tokens=40', '--prompt_tokens=4')
+def test_sample_paths_give_the_same_tokens():
+    """no cache and the static cache, at batch 1 and 2, with the slide past block_size: the same tokens (compiled
+    decoding is left out on CPU unless --compile=True; tests/test_fast_paths.py checks its tokens)"""
+    p = run_script('bench.py', '--mode=sample', *TINY, '--vocab_size=65', '--max_new_tokens=40', '--prompt_tokens=4',
+                   '--sample_batch=2', '--temperature=0.8')
     [rows] = tables(p.stdout)
-    assert [r['kv cache'] for r in rows] == ['True', 'False']
-    assert rows[0]['same tokens'] == 'True' and number(rows[0]['speedup']) > 0
+    assert [(r['batch'], r['path']) for r in rows] == [(b, path) for b in ('1', '2') for path in ('no cache', 'kv cache')]
+    assert all(r['same tokens'] == 'True' and number(r['tokens/s']) > 0 and number(r['of bound']) > 0 for r in rows)
+    assert 'measured read bandwidth' in p.stdout
 
 
 def test_data_pool_writes_the_same_bins(tiktoken_offline):
@@ -75,6 +79,8 @@ def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp
                             "max-autotune-no-cudagraphs"),
     ('--text_file=/no/such.txt', "no such text file: /no/such.txt"),
     ('--iters=0', "iters must be a positive integer, got 0"),
+    ('--max_new_tokens=-1', "max_new_tokens must be a positive integer, got -1"),
+    ('--prompt_tokens=0', "prompt_tokens must be a positive integer, got 0"),
 ])
 def test_bad_flags_are_one_line(flag, message):
     p = run_script('bench.py', flag, check=False)

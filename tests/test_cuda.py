@@ -4,7 +4,6 @@ without CUDA. On a GPU machine (a few minutes on one GPU):
     python -m pytest -q tests/test_cuda.py -s
 
 -s shows the closing 124M benchmark table (tokens/s, MFU, peak memory); record it in docs/BENCHMARKS.md."""
-import os
 import re
 
 import pytest

@@ -2,12 +2,11 @@
 HellaSwag and samples on -> log.jsonl with every field -> plot PNG."""
 import json
 import os
-import shutil
 
 import matplotlib.image
 import numpy as np
 
-from conftest import REPO, run_script, text_corpus
+from conftest import run_script, text_corpus
 from test_hellaswag import EXAMPLES
 
 KEYS = {'iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu', 'time'}

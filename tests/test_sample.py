@@ -1,6 +1,5 @@
 """sample.py as a user runs it: batch and streaming output, top-p, stopping at <|endoftext|>, and its bad inputs.
 The checkpoints are made here (random tiny GPTs in this repo's format): no training needed."""
-import math
 
 import pytest
 import torch

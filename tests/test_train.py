@@ -46,7 +46,7 @@ def test_training_lowers_loss_and_checkpoints(char_data, tmp_path):
                           'tokens_per_sec', 'mfu', 'time'} for r in records)
     evals = [r for r in records if r['val_loss'] is not None]
     assert [r['iter'] for r in evals] == [0, 30, 60] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5
-    assert 'tok/s' in p.stdout and 'mfu' in p.stdout and 'dt ' in p.stdout
+    assert 'tok/s' in p.stdout and 'mfu n/a' in p.stdout and 'dt ' in p.stdout  # no MFU on CPU: no peak to divide by
 
 
 def test_resume_is_bit_identical(char_data, tmp_path):
