@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, fail
+from configurator import configure, fail, read_text
 from model import GPT, GPTConfig
 from runtime import (autocast, device_peak_flops, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch,
                      sync)
@@ -69,8 +69,7 @@ if not 0 < vocab_size <= 2**16:
     fail(f"vocab_size must be between 1 and 65,536 (token ids are uint16, as in train.bin), got {vocab_size}")
 if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
     fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
-if text_file and not os.path.isfile(text_file):
-    fail(f"no such text file: {text_file}")
+source_text = read_text(text_file, '--text_file') if text_file else None  # data mode: checked before any timing
 device = pick_device(device)
 device_type = device.type
 dtype = pick_dtype(dtype, device)
@@ -227,7 +226,7 @@ def generated_text(n_chars):
 def bench_tokenize(tmp):
     """data/fineweb_edu/prepare.py over the same local documents with 1 process and with a pool of num_proc;
     the tokens/s are its own report, and both runs must write identical bins"""
-    text = open(text_file, encoding='utf-8').read() if text_file else generated_text(1_000_000)
+    text = source_text or generated_text(1_000_000)
     if not text.strip():
         fail(f"{text_file} holds no text")
     docs, n = os.path.join(tmp, 'docs.jsonl'), 0

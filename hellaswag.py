@@ -193,7 +193,8 @@ if __name__ == '__main__':
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     compile = pick_compile(compile, device)
-    encoder()
+    if not os.path.isfile(os.path.join(data_dir, 'hellaswag_val.jsonl')):
+        writable_dir(data_dir, '--data_dir')  # it will be downloaded there
     model, ckpt = load_model(init_from, out_dir, device)
     if ckpt is not None and ckpt.get('meta') is not None:
         fail(f"HellaSwag needs a GPT-2 BPE model; {os.path.join(out_dir, 'ckpt.pt')} is a character-level model")

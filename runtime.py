@@ -326,8 +326,9 @@ def check_wandb():
         return wandb
     try:
         logged_in = wandb.login(prompt=False)
-    except Exception:
-        logged_in = True  # a key exists but could not be verified now: wandb.init will say more
+    except Exception as e:  # a key that cannot be verified (no network), or a bad WANDB_* setting
+        fail(f"wandb_log=True but W&B could not check its login ({str(e).strip().splitlines()[-1][:160]}); log "
+             f"offline with WANDB_MODE=offline, or fix the W&B setup")
     if not logged_in:
         fail("wandb_log=True but no W&B API key is set: run `wandb login` (or set WANDB_API_KEY), or log "
              "offline with WANDB_MODE=offline")

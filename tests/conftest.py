@@ -67,6 +67,7 @@ def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     """Run a repo script as a user would; returns the CompletedProcess (stdout/stderr as text)."""
     # one thread per process: tiny models run faster so, and torchrun's processes don't fight over 2 cores
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # env={'X': None} removes X
     p = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0 and 'torch.distributed.run' in args and 'terminate called without an active exception' in p.stderr:
         # a rare abort inside gloo's teardown at process exit (upstream, after all work is done and saved);

@@ -77,7 +77,7 @@ def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp
     ('--mode=nope', "unknown mode 'nope'; use train, sample, data or eval"),
     ('--compile_mode=fast', "unknown compile_mode 'fast'; use default, reduce-overhead, max-autotune or "
                             "max-autotune-no-cudagraphs"),
-    ('--text_file=/no/such.txt', "no such text file: /no/such.txt"),
+    ('--text_file=/no/such.txt', "--text_file: /no/such.txt does not exist"),
     ('--iters=0', "iters must be a positive integer, got 0"),
     ('--max_new_tokens=-1', "max_new_tokens must be a positive integer, got -1"),
     ('--prompt_tokens=0', "prompt_tokens must be a positive integer, got 0"),

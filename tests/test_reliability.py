@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -47,76 +46,6 @@ def assert_same_weights(a, b):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-
-
-class Payload:
-    """unpickling this runs a command: the classic malicious checkpoint"""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
-def test_bad_input_gets_one_clear_line(char_data, trained, tmp_path):
-    # inputs that need files
-    (tmp_path / 'corrupt').mkdir()
-    data = open(trained / 'ckpt.pt', 'rb').read()
-    (tmp_path / 'corrupt' / 'ckpt.pt').write_bytes(data[:len(data) // 2])
-    (tmp_path / 'evil').mkdir()
-    torch.save({'model': Payload(tmp_path / 'pwned'), 'model_args': {}}, tmp_path / 'evil' / 'ckpt.pt')
-    bad_ids = write_char_dataset(str(tmp_path / 'bad_ids'))
-    np.full(1000, 60000, dtype=np.uint16).tofile(os.path.join(bad_ids, 'val.bin'))
-    short = write_char_dataset(str(tmp_path / 'short'))
-    np.zeros(10, dtype=np.uint16).tofile(os.path.join(short, 'val.bin'))
-    (tmp_path / 'empty.txt').write_text('')
-    (tmp_path / 'a_file').write_text('x')
-    transformers = pytest.importorskip('transformers')
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
-                                                         vocab_size=100)).save_pretrained(tmp_path / 'hf')
-    new = tmp_path / 'new_out'  # must still not exist after every case
-    base = ['train.py', f'--data_dir={char_data}', f'--out_dir={new}', *TINY, '--max_iters=2']
-    resume = ['train.py', '--init_from=resume', '--max_iters=8']
-    cases = [
-        (base + ['--n_layr=2'], "unknown config key 'n_layr'"),
-        (base + ['--batch_size=1.5'], "config key 'batch_size' wants a int"),
-        (['train.py', 'config/no_such.py'], "not found"),
-        (base + ['--n_embd=30', '--n_head=4'], "must be divisible by n_head"),
-        (base + ['--batch_size=0'], "batch_size must be an integer >= 1"),
-        (base + ['--n_layer=0'], "n_layer must be a positive integer"),
-        (base + ['--learning_rate=-0.1'], "learning_rate must be positive"),
-        (base + [f'--init_from={tmp_path / "hf"}', '--block_size=64'], "larger than the model's 32"),
-        (base + [f'--init_from={tmp_path / "hf"}', '--n_layer=3'], "conflicts with"),
-        (base + ['--init_from=gpt3'], "unknown init_from 'gpt3'"),
-        (resume + [f'--out_dir={new}'], "no checkpoint at"),
-        (resume + [f'--out_dir={tmp_path / "corrupt"}'], "corrupt, truncated or unsafe"),
-        (resume + [f'--out_dir={tmp_path / "evil"}'], "corrupt, truncated or unsafe"),
-        (resume + [f'--out_dir={trained}', '--n_layer=3'], "conflicts with the checkpoint's n_layer=2"),
-        (base[:1] + [f'--out_dir={new}', '--dataset=nowhere'], "python data/text/prepare.py --input="),
-        (base[:1] + [f'--out_dir={new}', '--dataset=openwebtext', f'--data_dir={tmp_path / "empty_dir"}'],
-         "python data/openwebtext/prepare.py"),
-        (base + [f'--data_dir={bad_ids}'], "holds token id 60000"),
-        (base + [f"--data_dir={short}"], "than one block"),
-        (base + ['--dtype=float8'], "unsupported dtype 'float8'"),
-        (base + ['--device=tpu'], "device 'tpu'"),
-        (base + ['--device=cuda'], "CUDA is not available"),
-        (base + [f'--out_dir={tmp_path / "a_file" / "out"}'], "cannot be created or written"),
-        (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "missing.txt"}'], "does not exist"),
-        (['sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path / "empty.txt"}'], "is empty"),
-        (['sample.py', f'--out_dir={trained}', '--start=\u00e9\u20ac'], "outside this model's vocabulary"),
-        (['sample.py', f'--out_dir={new}'], "no checkpoint at"),
-        (['sample.py', '--init_from=resume', f'--out_dir={trained}', '--top_k=0'], "top_k"),
-    ]
-    before = snapshot(trained)
-    for args, message in cases:
-        p = run_script(*args, check=False)
-        err = p.stderr.strip()
-        assert p.returncode != 0, (args, p.stdout[-500:])
-        assert 'Traceback' not in p.stderr, (args, err)
-        assert len(err.splitlines()) == 1 and err.startswith('error: '), (args, err)
-        assert message in err, (args, err)
-        assert not new.exists() and snapshot(trained) == before, args
-    assert not (tmp_path / 'pwned').exists()  # the payload never ran
 
 
 def test_torchrun_world_size_must_divide_accumulation(char_data, tmp_path):
