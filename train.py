@@ -135,8 +135,6 @@ if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autot
          f"max-autotune-no-cudagraphs")
 if optimizer not in ('adamw', 'muon'):
     fail(f"unknown optimizer '{optimizer}'; use adamw or muon")
-if optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
-    fail(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
 if optimizer == 'muon' and fsdp:
     fail("optimizer='muon' orthogonalises each weight matrix's update, which needs the whole matrix, and FSDP shards "
          "them: train with DDP (drop --fsdp) or use --optimizer=adamw")

@@ -98,6 +98,7 @@ def test_train_sample_hellaswag_bench(world):
         (base + ['--checkpoint_interval=-1'], "checkpoint_interval must be an integer >= 0"),
         (base + ['--optimizer=sgd'], "unknown optimizer 'sgd'; use adamw or muon"),
         (base + ['--optimizer=muon', '--muon_lr=0.0'], "muon_lr must be positive"),
+        (base + ['--optimizer=muon', '--fsdp=True'], "optimizer='muon' orthogonalises each weight matrix's update"),
         (base + ['--compile_mode=fast'], "unknown compile_mode 'fast'"),
         # hardware the run cannot have
         (base + ['--dtype=float8'], "unsupported dtype 'float8'"),

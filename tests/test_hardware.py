@@ -161,5 +161,5 @@ def test_checkpoints_are_memory_mapped_not_read_whole(monkeypatch, tmp_path):
 def test_too_old_torch_is_one_line():
     from conftest import run_script
     p = run_script('-c', "import torch; torch.__version__ = '2.5.1'; import runtime", check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith('error: this repo needs torch >= 2.6, found 2.5.1')
+    assert p.returncode == 2 and p.stderr.strip().startswith('error: this repo needs torch >= 2.9, found 2.5.1')
     assert len(p.stderr.strip().splitlines()) == 1

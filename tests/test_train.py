@@ -179,3 +179,42 @@ def test_step_time_counts_only_timed_steps(char_data, tmp_path):
     first = [l for l in evals.stdout.splitlines() if l.startswith('step 4 |')][0]
     assert '| dt ' in first  # steps 2-4 were timed; step 1 (compilation, warm-up) was not
     assert 'dt n/a (untimed)' in train(char_data, tmp_path / 'c', '--max_iters=1', '--eval_interval=1000').stdout
+
+
+def test_muon_learns_resumes_exactly_and_matches_ddp(char_data, tmp_path):
+    """optimizer='muon': Muon for the block matrices, AdamW for the rest; with gradient accumulation, exact resume
+    (both optimizers' state in the checkpoint), and 2 DDP processes equal to one"""
+    flags = ['--optimizer=muon', '--max_iters=12', '--eval_interval=6', '--gradient_accumulation_steps=4']
+    straight = train(char_data, tmp_path / 'a', *flags)
+    losses = step_losses(straight.stdout)
+    assert len(losses) == 12 and losses[12] < losses[1] - 0.5 and 'optimizer muon' in straight.stdout
+    train(char_data, tmp_path / 'b', *flags[:1], '--max_iters=6', *flags[2:])
+    resumed = run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path / "b"}', '--max_iters=12')
+    assert {k: v for k, v in losses.items() if k > 6} == step_losses(resumed.stdout)
+    a, b = load(tmp_path / 'a'), load(tmp_path / 'b')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    muon_state = a['optimizer']['state']['transformer.h.0.attn.c_attn.weight']
+    assert set(muon_state) == {'momentum_buffer'}  # a Muon matrix; the embeddings carry AdamW's moments
+    assert {'exp_avg', 'exp_avg_sq'} <= set(a['optimizer']['state']['transformer.wte.weight'])
+    ddp = step_losses(train(char_data, tmp_path / 'c', *flags, torchrun=2).stdout)
+    for k in losses:
+        assert abs(ddp[k] - losses[k]) < 1e-4, (k, ddp[k], losses[k])
+
+
+def test_eval_full_scores_every_val_block_once(char_data, tmp_path):
+    """--eval_only=True --eval_full=True: the val loss is the mean over every non-overlapping block of val.bin"""
+    train(char_data, tmp_path, '--max_iters=4', '--eval_interval=4')
+    p = run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path}', '--eval_only=True', '--eval_full=True',
+                   '--batch_size=7')  # 7 does not divide the number of blocks: a short last batch
+    reported = float(p.stdout.split('val loss ')[1].split(',')[0])
+    import numpy as np
+    from runtime import load_checkpoint, model_from_checkpoint
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path / 'ckpt.pt'))).eval()
+    val = np.fromfile(os.path.join(char_data, 'val.bin'), dtype=np.uint16).astype(np.int64)
+    n = (len(val) - 1) // 32
+    x = torch.from_numpy(val[:n * 32]).view(n, 32)
+    y = torch.from_numpy(val[1:n * 32 + 1]).view(n, 32)
+    with torch.no_grad():
+        expected = torch.stack([model(x[i:i + 50], y[i:i + 50])[1] * len(x[i:i + 50]) for i in range(0, n, 50)]).sum() / n
+    assert abs(reported - expected.item()) < 1e-4, (reported, expected.item())
+    assert 'every val block once' in p.stdout
