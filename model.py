@@ -91,6 +91,17 @@ def attend(q, k, v, kind, arg=None, mask=None, dropout_p=0.0):
     return w @ v
 
 
+def project(layer, x):
+    """layer(x) = x @ W.T (+ b). When compiling for a single row on a CPU (a decode step at batch 1), written as a
+    product and a sum over W's rows instead: inductor fuses them into one reduction that streams W at memory speed on every core, where
+    the BLAS matrix-vector product behind layer(x) reaches about a third of it (docs/BENCHMARKS.md). Eager, training
+    and GPU code take layer(x) as it is."""
+    if x.shape[:-1].numel() == 1 and x.device.type == 'cpu' and torch.compiler.is_compiling():
+        y = (x.unsqueeze(-2) * layer.weight).sum(-1)
+        return y if layer.bias is None else y + layer.bias
+    return layer(x)
+
+
 class KVCache(nn.Module):
     """Keys and values of every position so far, (B, n_head, block_size, head_size), allocated once and written in
     place at the positions being decoded: every decode step has the same shapes, so one compiled graph serves all."""
@@ -121,13 +132,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, pos=None, mask=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = project(self.c_attn, x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if pos is not None:  # decoding: store this step's keys / values, attend over the whole cache under mask
             k, v = self.cache.update(pos, k, v)
         y = attend(q, k, v, self.kind, self.arg, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(project(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -140,7 +151,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(project(self.c_proj, self.gelu(project(self.c_fc, x))))
 
 
 class Block(nn.Module):
@@ -229,7 +240,8 @@ class GPT(nn.Module):
             mask = None
         else:
             x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-            mask = self.causal_mask[pos]  # (T, block_size): the keys each query may see, stale slots masked out
+            cache_len = self.transformer.h[0].attn.cache.k.size(2)
+            mask = self.causal_mask[pos, :cache_len]  # (T, cache_len): the keys each query may see, stale ones not
         x = self.transformer.drop(x)
         # activation checkpointing: keep one (B, T, C) input per block instead of all its intermediates, for ~1/3 more compute
         recompute = self.activation_checkpointing and pos is None and torch.is_grad_enabled()
@@ -248,7 +260,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)[..., :V]  # a strided view, no copy: the padded columns are never scored
             loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return self.lm_head(x[:, -1:, :])[..., :V], None
+        return project(self.lm_head, x[:, -1:, :])[..., :V], None
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
@@ -338,12 +350,13 @@ class GPT(nn.Module):
         achieved = flops_per_token * T * fwdbwd_per_iter / dt
         return achieved / peak_flops if peak_flops else None
 
-    def setup_caches(self, batch_size, dtype=None):
-        """KV caches of batch_size x block_size in every attention layer (dtype: the weights' by default), and the
-        causal mask they are read through. Kept until clear_caches(), so later calls reuse them (and any CUDA graph
-        recorded on them); a call with the same shape and dtype is a no-op."""
+    def setup_caches(self, batch_size, dtype=None, length=None):
+        """KV caches of batch_size x length positions (block_size by default) in every attention layer (dtype: the
+        weights' by default), and the causal mask they are read through. A decode step reads its whole cache, so
+        generate() sizes it to the tokens it will hold. Kept until clear_caches(), so later calls reuse them (and any
+        CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
         cfg, w = self.config, self.lm_head.weight
-        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.n_embd // cfg.n_head)
         dtype = dtype or w.dtype
         first = self.transformer.h[0].attn.cache
         if first is not None and first.k.shape == shape and first.k.dtype == dtype and first.k.device == w.device:
@@ -374,7 +387,8 @@ class GPT(nn.Module):
         out[:, :T0] = idx
         if use_cache:
             autocast = torch.is_autocast_enabled(device.type)
-            self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None)
+            self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None,
+                              min(block, T0 + max_new_tokens))  # no longer than the window can get
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
