@@ -94,7 +94,7 @@ def configure(g, argv=None, optional=()):
             if not os.path.isfile(path):
                 fail(f"config file '{arg}' not found (looked at {arg} and {os.path.relpath(path)}); "
                      f"available: {', '.join(sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py')))}")
-            scope = {}
+            scope = {'__file__': os.path.abspath(path)}  # as for any Python file: a config may build on another
             try:
                 exec(compile(open(path).read(), path, 'exec'), scope)
             except Exception as e:

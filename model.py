@@ -338,8 +338,9 @@ class GPT(nn.Module):
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
         if hidden:
             # decoupled decay of lr * weight_decay per step: scaled so a matrix shrinks as fast as under AdamW
-            optimizers.append(torch.optim.Muon(hidden, lr=muon_lr, momentum=muon_momentum,
-                                               weight_decay=weight_decay * learning_rate / muon_lr))
+            from muon import Muon
+            optimizers.append(Muon(hidden, lr=muon_lr, momentum=muon_momentum,
+                                   weight_decay=weight_decay * learning_rate / muon_lr))
         return optimizers
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):

@@ -146,3 +146,29 @@ def test_compiled_hellaswag_bounded_compiles(monkeypatch):
     compiled, graphs, breaks = compile_counts(lambda: hellaswag.evaluate(torch.compile(model), 'cpu', examples, 2))
     assert compiled == eager and eager['n'] == 11
     assert graphs <= 2 and breaks == 0, (graphs, breaks)
+
+
+def test_batched_muon_matches_torch_muon():
+    """muon.Muon (matrices of one shape orthogonalised as one batch, tall ones transposed in) makes the same updates
+    as torch.optim.Muon (one matrix at a time) up to bfloat16 rounding in the Newton-Schulz iteration"""
+    from muon import Muon
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 32), (128, 32), (32, 128)] * 2
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.05)
+    b = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.05, nesterov=True)
+    start = [p.detach().clone() for p in ours]
+    for _ in range(5):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, ref, start):
+        moved = (q - p0).abs().max()
+        assert moved > 1e-2  # the updates are real
+        # bfloat16 keeps ~3 digits, and the two order their matmuls differently: a percent or so of the movement
+        assert (p - q).norm() < 0.02 * (q - p0).norm() and (p - q).abs().max() < 0.05 * moved, p.shape
+    with pytest.raises(ValueError, match='2-D'):
+        Muon([torch.nn.Parameter(torch.zeros(3))])

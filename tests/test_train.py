@@ -4,10 +4,12 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, run_script, write_char_dataset
+from runtime import load_checkpoint, model_from_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4', '--gradient_accumulation_steps=1',
         '--log_interval=1', '--warmup_iters=5', '--learning_rate=1e-2', '--compile=False', '--device=cpu']
@@ -196,6 +198,8 @@ def test_muon_learns_resumes_exactly_and_matches_ddp(char_data, tmp_path):
     muon_state = a['optimizer']['state']['transformer.h.0.attn.c_attn.weight']
     assert set(muon_state) == {'momentum_buffer'}  # a Muon matrix; the embeddings carry AdamW's moments
     assert {'exp_avg', 'exp_avg_sq'} <= set(a['optimizer']['state']['transformer.wte.weight'])
+    p = run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path / "a"}', '--eval_only=True', '--eval_full=True')
+    assert 'every val block once' in p.stdout  # loads Muon's state too
     ddp = step_losses(train(char_data, tmp_path / 'c', *flags, torchrun=2).stdout)
     for k in losses:
         assert abs(ddp[k] - losses[k]) < 1e-4, (k, ddp[k], losses[k])
@@ -207,8 +211,6 @@ def test_eval_full_scores_every_val_block_once(char_data, tmp_path):
     p = run_script('train.py', '--init_from=resume', f'--out_dir={tmp_path}', '--eval_only=True', '--eval_full=True',
                    '--batch_size=7')  # 7 does not divide the number of blocks: a short last batch
     reported = float(p.stdout.split('val loss ')[1].split(',')[0])
-    import numpy as np
-    from runtime import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(str(tmp_path / 'ckpt.pt'))).eval()
     val = np.fromfile(os.path.join(char_data, 'val.bin'), dtype=np.uint16).astype(np.int64)
     n = (len(val) - 1) // 32
