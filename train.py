@@ -159,6 +159,8 @@ device = pick_device(device)  # a torch.device with the GPU index this process o
 device_type = device.type
 dtype = pick_dtype(dtype, device)
 compile = pick_compile(compile, device)
+if fsdp and device_type == 'cpu' and dtype != 'float32':  # its blocks' float32 stream meets bf16 LayerNorm weights
+    fail(f"fsdp=True in {dtype} needs GPUs (CPU autocast runs LayerNorm only in its input's dtype); use --dtype=float32")
 backend = ('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend
 if backend == 'nccl' and device_type != 'cuda':
     fail(f"backend nccl needs CUDA GPUs, and this run is on {device_type}; use --backend=auto (gloo)")

@@ -64,6 +64,16 @@ def test_torchrun_one_process(data, tmp_path, fsdp):
     assert sorted(losses(q.stdout)) == [21, 22, 23, 24]
 
 
+def test_fsdp_and_ddp_train_alike_in_bf16(data, tmp_path):
+    """FSDP gathers block weights in bf16 but keeps the residual stream float32, as DDP with autocast: same losses
+    up to the LayerNorm gains' bf16 rounding"""
+    flags = ['--compile=False', '--dtype=bfloat16']
+    ddp = losses(train(data, tmp_path / 'ddp', *flags, torchrun=1).stdout)
+    fsdp = losses(train(data, tmp_path / 'fsdp', *flags, '--fsdp=True', torchrun=1).stdout)
+    for k in ddp:
+        assert fsdp[k] == pytest.approx(ddp[k], rel=5e-3, abs=5e-3), (k, fsdp[k], ddp[k])
+
+
 def test_compile_on_and_off_agree_in_bf16(data, tmp_path):
     a = losses(train(data, tmp_path / 'c', '--compile=True').stdout)
     b = losses(train(data, tmp_path / 'e', '--compile=False').stdout)

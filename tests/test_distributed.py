@@ -295,3 +295,62 @@ def test_runs_without_wandb_installed(runs, tmp_path):
     p = train(runs['data'], tmp_path / 'no', '--max_iters=2', '--wandb_log=True', env=env, check=False)
     assert p.returncode == 2 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert 'wandb_log=True needs the wandb package' in p.stderr and not (tmp_path / 'no').exists()
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """FSDP2 in this process: a gloo group of one"""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp_and_plain(seed=0):
+    import copy
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    return model, copy.deepcopy(model)
+
+
+def test_fsdp_bf16_gathers_weights_low_but_leaves_the_stream_float32(one_process_group):
+    """a block sees its weights gathered in bf16 but its input as float32, uncast, as under DDP with autocast (the
+    residual stream stays float32); the root (embeddings, head) keeps float32 weights. The block's own forward
+    needs CUDA's autocast (CPU autocast runs LayerNorm only in its input's dtype): tests/test_cuda.py runs it and
+    compares the loss with DDP's"""
+    from runtime import fsdp_shard
+    model, _ = fsdp_and_plain()
+    fsdp_shard(model, 'cpu', 'bfloat16', 1)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def look(block, args):
+        seen.append((args[0].dtype, block.attn.c_attn.weight.dtype, block.ln_1.weight.dtype,
+                     model.transformer.wte.weight.dtype))
+        raise Seen
+
+    model.transformer.h[0].register_forward_pre_hook(look)  # after FSDP's own pre-hook: weights are gathered
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(Seen):
+        model(x, x)
+    assert seen == [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32)]
+
+
+def test_fsdp_compile_covers_every_block_and_the_head(one_process_group):
+    """under FSDP compiling the root leaves the head and loss eager (dynamo skips FSDP's hooks): fsdp_shard
+    compiles each block and the head instead, two graphs, no graph break, the eager numbers"""
+    from torch._dynamo.utils import counters
+    from runtime import fsdp_shard
+    model, plain = fsdp_and_plain()
+    fsdp_shard(model, 'cpu', 'float32', 1, compile_mode='default')
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    _, loss = model(x, x)
+    loss.backward()
+    assert counters['stats']['unique_graphs'] == 2 and not counters['graph_break'], dict(counters['stats'])
+    _, want = plain(x, x)
+    assert abs(loss.item() - want.item()) < 1e-5
