@@ -1,17 +1,11 @@
 """
-Train a GPT. One process on any device:
+Train a GPT, on one device or many:
 $ python train.py config/train_shakespeare_char.py
-DDP on one node with 8 GPUs (any world size; gloo on CPU, nccl on CUDA, chosen automatically):
-$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
-Two nodes (run on each, node_rank 0 and 1; add NCCL_IB_DISABLE=1 without InfiniBand):
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 train.py ...
-Shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP):
-$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=True
-Under Slurm, srun can start the processes itself (one task per GPU; export MASTER_ADDR and MASTER_PORT):
-$ srun --ntasks-per-node=8 python train.py config/train_gpt2.py
-Every global below can be set by a config file or a --key=value flag (see configurator.py). The file reads top to
-bottom: settings, checks, processes and devices, data, model, optimizer, checkpoints, evaluation and learning-rate
-schedule, the loop. The hardware decisions themselves (which GPU, dtype, compile, peak FLOP/s) are in runtime.py.
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py        # DDP; --fsdp=True shards instead
+Two nodes, Slurm's srun, FSDP: see the README. Every global below can be set by a config file or a --key=value flag
+(configurator.py). The file reads top to bottom: settings, checks, processes and devices, data, model, optimizer,
+checkpoints, evaluation and learning-rate schedule, the loop. The hardware decisions (which GPU, dtype, compile,
+peak FLOP/s) and the mechanics of files, batches and generators are in runtime.py.
 """
 
 import math
