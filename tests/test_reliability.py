@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -99,6 +100,18 @@ def test_stop_keeps_the_best_checkpoint_when_not_always_saving(char_data, tmp_pa
     assert_same_weights(tmp_path / 'a', tmp_path / 'b')
 
 
+def last_logged_step(out):
+    """the highest step in out/log.jsonl so far (0 if none), skipping a line still being written"""
+    steps = [0]
+    if (out / 'log.jsonl').exists():
+        for line in open(out / 'log.jsonl'):
+            try:
+                steps.append(json.loads(line)['iter'])
+            except ValueError:
+                pass
+    return max(steps)
+
+
 def test_sigkill_at_random_moments_loses_nothing(char_data, tmp_path):
     """Kill a real training run many times, at random moments (checkpoint writes included), resume each time:
     it reaches the last step with a loadable checkpoint and the very weights of an uninterrupted run."""
@@ -111,17 +124,21 @@ def test_sigkill_at_random_moments_loses_nothing(char_data, tmp_path):
         args = ['--init_from=resume', f'--out_dir={out}'] if ckpt.exists() else [f'--out_dir={out}', *flags]
         if ckpt.exists():
             torch.load(ckpt, weights_only=True)  # the checkpoint left by the kill is complete
+        # kill by progress, not by the clock (a fast machine would finish first): 10-50 steps past the
+        # furthest step logged so far, then 0-50 ms later, which lands in steps, evals and checkpoint writes alike
+        target = last_logged_step(out) + rng.randint(10, 50)
         proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=ONE_THREAD)
-        try:
-            proc.wait(timeout=rng.uniform(1.0, 4.0) if attempt < 30 else 300)
-            assert proc.returncode == 0
-            break
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None and (target >= 200 or last_logged_step(out) < target):
+            time.sleep(0.005)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0, 0.05))
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-    assert kills >= 3, "the run finished before it could be killed a few times; make it longer"
+        if proc.wait() == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, f'train.py failed on its own (exit {proc.returncode})'
+        kills += 1
+    assert kills >= 3, f"the run finished after {kills} kills; make it longer"
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 200
     assert_same_weights(out, tmp_path / 'straight')
     assert not [f for f in os.listdir(out) if '.tmp.' in f]  # no temp files left behind
