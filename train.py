@@ -344,7 +344,7 @@ def save_checkpoint(name):
             fail(str(e))
         if name == 'ckpt.pt' and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
             os.remove(os.path.join(out_dir, 'ckpt_last.pt'))  # older now: resume must take ckpt.pt
-        print(f"saved checkpoint at step {iter_num} to {os.path.join(out_dir, name)}")
+        print(f"saved checkpoint at step {iter_num} to {os.path.join(out_dir, name)}", flush=True)
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
@@ -410,7 +410,7 @@ while True:
         raw_model.clear_caches()
         raw_model.train()
         for i in range(num_samples if master else 0):
-            print(f"sample {i}: {decode(y[i].tolist())!r}")
+            print(f"sample {i}: {decode(y[i].tolist())!r}", flush=True)
         t_window, steps_window = time.time(), 0
 
     # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP / FSDP
@@ -456,7 +456,7 @@ while True:
             timing = (f"dt {dt * 1000:.2f}ms | {tps / block_size:,.1f} samples/s | {tps:,.0f} tok/s | " +
                       (f"mfu {mfu * 100:.2f}%" if mfu is not None else "mfu n/a")) if dt else "dt n/a (untimed)"
             print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | norm {grad_norm.item():.2f} | {timing}" +
-                  (f" | skipped {n_bad}" if n_bad else ''))
+                  (f" | skipped {n_bad}" if n_bad else ''), flush=True)  # flushed: `| tee` sees each step
             append_log(log_path, {'iter': iter_num, 'loss': lossf, 'lr': lr, 'grad_norm': grad_norm.item(),
                                   'tokens_per_sec': tps, 'mfu': mfu}, wandb)
         if n_bad >= max_bad_steps:
