@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -400,6 +401,19 @@ def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=blocks)
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    # the logits are a view (the padded vocabulary sliced off, no copy); FSDP warns in case a caller modifies them
+    # in place, which nothing here does
+    warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
+
+
+def leave_processes(code):
+    """leave the process group and end this process with exit status `code`, skipping the interpreter's teardown:
+    FSDP keeps the group referenced after destroy_process_group, so its gloo threads would be stopped during
+    teardown, which can abort (SIGABRT) a run that has finished"""
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def stop_on_signals(rank):

@@ -25,9 +25,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure, fail, writable_dir
 from model import GPT, GPTConfig
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
-                     gpt2_encoding, grad_scaler, load_checkpoint, load_optimizer_state, model_from_checkpoint,
-                     open_token_files, pick_compile, pick_device, pick_dtype, print0, read_batch, rng_state,
-                     save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers, stop_on_signals, sync, trim_log)
+                     gpt2_encoding, grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
+                     model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
+                     read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
+                     stop_on_signals, sync, trim_log)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -465,7 +466,7 @@ while True:
                    (f"The last good checkpoint is in {out_dir}" if saved else "No checkpoint was written") +
                    "; try a lower --learning_rate, --grad_clip, or dtype float32", file=sys.stderr)
             if ddp:
-                dist.destroy_process_group()
+                leave_processes(3)
             sys.exit(3)
         t_window, steps_window, last_log_iter = time.time(), 0, iter_num
         local_loss = torch.zeros((), device=device)
@@ -478,9 +479,7 @@ if device_type == 'cuda':
     print0(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 if wandb:
     wandb.finish()
-if ddp:
-    # leave together, and drop DDP (its gloo work holds tensors) before the group: a process torn down while
-    # another still saves, or with gloo threads alive at interpreter exit, can abort in gloo's destructors
+if ddp:  # leave together (a process torn down while another still saves can abort in gloo), DDP dropped first
     dist.barrier()
     del model
-    dist.destroy_process_group()
+    leave_processes(0)
