@@ -24,8 +24,7 @@ import torch
 
 from configurator import configure, fail, read_text
 from model import GPT, GPTConfig
-from runtime import (autocast, device_peak_flops, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch,
-                     sync)
+from runtime import autocast, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch, sync
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train', 'sample', 'data' or 'eval' (see above)
@@ -75,7 +74,6 @@ device_type = device.type
 dtype = pick_dtype(dtype, device)
 compile = pick_compile(compile, device)
 ctx = autocast(device_type, dtype)
-peak = device_peak_flops(device, dtype)
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -151,8 +149,9 @@ def bench_train(attn, tmp):
         fail("some timed steps were untimed (an eval or a checkpoint among them); raise --warmup_iters")
     dt = sum(batch_size * block_size / r['tokens_per_sec'] for r in timed) / len(timed)
     gpu_peak = re.search(r'peak GPU memory ([\d.]+) GB', output)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, bias=bias, attn_type=attn))
+    with torch.device('meta'):  # only for its FLOP count: no memory, no initialisation
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, bias=bias, attn_type=attn))
     mfu = timed[-1]['mfu']
     return {'attn_type': attn, 'ms/iter': dt * 1000, 'tokens/s': batch_size * block_size / dt,
             'TFLOP/s': model.estimate_mfu(batch_size, dt, 1.0) / 1e12, 'MFU': f"{mfu * 100:.1f}%" if mfu else 'n/a',
@@ -177,9 +176,8 @@ def bench_sample(attn):
     weight-streaming bound: a decode step reads every weight once (the head's padded rows included, the position
     table's one row not), so one step of B tokens takes at least weight bytes / bandwidth"""
     model = make_model(attn).eval()
-    weight_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float16 if dtype == 'float16' else torch.float32
-    weight_bytes = (model.get_num_params(non_embedding=False) - model.transformer.wpe.weight.numel()) * \
-        weight_dtype.itemsize
+    weight_dtype = getattr(torch, dtype)
+    weight_bytes = model.get_num_params() * weight_dtype.itemsize  # every weight but the position table
     if dtype != 'float32':  # the weights themselves in the low precision: the bound assumes they are read so
         model.to(weight_dtype)
     bw = bandwidth()
@@ -299,10 +297,6 @@ def bench_eval(attn):
 def hellaswag_examples():
     """HellaSwag's validation examples (checked before any timing, so a missing file fails at once)"""
     import hellaswag
-    try:
-        hellaswag.encoder()
-    except Exception as e:
-        fail(f"could not load GPT-2's BPE (tiktoken r50k_base; offline, set TIKTOKEN_CACHE_DIR): {type(e).__name__}")
     if vocab_size < hellaswag.encoder().n_vocab:
         fail(f"HellaSwag needs the GPT-2 vocabulary: use --vocab_size=50257 (got {vocab_size}), or --hellaswag_limit=0")
     return hellaswag.load_examples(hellaswag_limit, hellaswag_dir or hellaswag.data_dir)

@@ -70,9 +70,9 @@ def _check(key, value, defaults, source, optional=()):
     want = defaults[key]
     if want is None:
         return value  # a None default (an optional limit, or 'auto') takes any literal
-    if value is None and key not in optional:
-        fail(f"config key '{key}' cannot be None; it wants a {type(want).__name__} like {want!r} ({source})")
     if value is None:
+        if key not in optional:
+            fail(f"config key '{key}' cannot be None; it wants a {type(want).__name__} like {want!r} ({source})")
         return value
     if isinstance(want, float) and type(value) is int:
         return float(value)  # --learning_rate=1 is fine for a float

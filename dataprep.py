@@ -2,7 +2,7 @@
 What the data/*/prepare.py scripts share, so that each of them says only where its text comes from and how
 it is split into train and val:
 
-    gpt2()                       GPT-2's BPE (tiktoken's r50k_base), or one line saying why it cannot be had
+    gpt2_encoding()              GPT-2's BPE (tiktoken's r50k_base), or one line saying why it cannot be had
     start_pool() / tokenized()   batches of documents tokenized by a process pool, in order, a few at a time
     open_bins() / finish_bins()  token ids appended to <split>.bin.tmp, renamed to <split>.bin once complete
     read_progress() / checkpoint()  progress.json, with which a long run continues after a crash
@@ -69,21 +69,18 @@ def read_or_download(path, url):
         except OSError as e:
             fail(f"could not download {url} ({e}); check your network, or put the text at {path}")
         save(path, data)
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path} as UTF-8 text: {e}")
+    return configurator.read_text(path, 'the source text')
 
 
-def gpt2():
-    # r50k_base is GPT-2's tokenizer (same ranks and regex); the "gpt2" name needs extra files to download
+def gpt2_encoding():
+    """GPT-2's BPE: tiktoken's r50k_base (the same ranks and regex as its 'gpt2', under the name its offline cache
+    holds); every script loads it here"""
     import tiktoken
     try:
         return tiktoken.get_encoding('r50k_base')
-    except Exception as e:
-        fail(f"could not load the GPT-2 tokenizer r50k_base ({one_line(e)}); tiktoken downloads it once, "
-             "so check your network or set TIKTOKEN_CACHE_DIR to a cache that holds it")
+    except Exception as e:  # offline without a cache: a chain of connection errors
+        fail(f"could not load GPT-2's BPE (tiktoken r50k_base: {type(e).__name__}); it is downloaded once, so "
+             f"offline set TIKTOKEN_CACHE_DIR to a folder holding its cache (see the README's offline set-up)")
 
 
 # ----------------------------------------------------------------------------- char-level vocabulary
@@ -185,6 +182,7 @@ def open_bins(out, tokens=None):
     tokens None: a fresh run, whose .tmp files are removed if it fails. Else a resumed run: each bin is cut back
     to the tokens[split] ids that progress.json counted (a finished <split>.bin being extended is moved back to
     its .tmp name first, so train.py never reads a bin while it grows)."""
+    os.makedirs(out, exist_ok=True)
     files = {}
     for split in ('train', 'val'):
         path = os.path.join(out, f'{split}.bin')

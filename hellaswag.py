@@ -50,7 +50,7 @@ def encoder():
     """GPT-2's BPE, loaded once"""
     global _enc
     if _enc is None:
-        from runtime import gpt2_encoding
+        from dataprep import gpt2_encoding
         _enc = gpt2_encoding()
     return _enc
 
@@ -165,10 +165,11 @@ def evaluate(model, device, examples, batch_size=8, ctx=contextlib.nullcontext()
     """{'acc_norm', 'acc', 'acc_char', 'n'} over examples. Each rank scores examples[rank::world_size], every rank
     running as many forward passes (FSDP gathers weights in each); with torch.distributed initialised the counts
     are summed over ranks, so every rank returns the same global result."""
-    mine = examples[rank::world_size] or examples[:1]  # a rank with nothing to score still joins every forward
+    share = examples[rank::world_size]
+    mine = share or examples[:1]  # a rank with nothing to score still joins every forward
     forwards = -(-len(examples[0::world_size]) // batch_size) if world_size > 1 else 0
     avg, total = ending_losses(model, device, mine, batch_size, ctx, progress, forwards)
-    if not examples[rank::world_size]:
+    if not share:
         mine, avg, total = [], avg[:0], total[:0]
     labels = torch.tensor([ex['label'] for ex in mine], dtype=torch.long)
     chars = torch.tensor([[len(' ' + e) for e in ex['endings']] for ex in mine], dtype=torch.float64).view(-1, 4)

@@ -329,8 +329,9 @@ class GPT(nn.Module):
         orthogonalises each update, which needs whole matrices) and AdamW keeps the embeddings, the head (tied to
         them), LayerNorms and biases. fused=None: fused AdamW where the device has it."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in named if muon_lr and p.dim() == 2 and n.startswith('transformer.h.')]
-        rest = [p for n, p in named if all(p is not q for q in hidden)]
+        is_hidden = lambda n, p: muon_lr and p.dim() == 2 and n.startswith('transformer.h.')
+        hidden = [p for n, p in named if is_hidden(n, p)]
+        rest = [p for n, p in named if not is_hidden(n, p)]
         groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
         # fused AdamW is one kernel for all params on cuda and cpu (and skips a step on device via found_inf)

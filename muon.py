@@ -57,4 +57,5 @@ class Muon(torch.optim.Optimizer):
                 O = orthogonalize(torch.stack([u for _, u, _ in batch]), group['ns_steps'])
                 for (p, _, tall), o in zip(batch, O.unbind(0)):
                     # as in torch.optim.Muon: a tall matrix's orthogonal update is smaller per entry, scale it up
-                    p.add_((o.mT if tall else o).to(p.dtype), alpha=-group['lr'] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_((o.mT if tall else o).to(p.dtype), alpha=-group['lr'] * scale)

@@ -285,16 +285,6 @@ def load_model(init_from, out_dir, device, override_args=None):
     return model.eval().to(device), ckpt
 
 
-def gpt2_encoding():
-    """GPT-2's BPE: tiktoken's r50k_base (the same ranks as its 'gpt2', under the name its offline cache holds)"""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('r50k_base')
-    except Exception as e:  # offline without a cache: a chain of connection errors
-        fail(f"could not load GPT-2's BPE (tiktoken r50k_base: {type(e).__name__}); it is downloaded once, so "
-             f"offline set TIKTOKEN_CACHE_DIR to a folder holding its cache (see the README's offline set-up)")
-
-
 def print0(*args, **kwargs):
     """print on rank 0 only (every process is rank 0 outside torchrun)"""
     if int(os.environ.get('RANK', 0)) == 0:

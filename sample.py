@@ -15,7 +15,8 @@ import sys
 import torch
 
 from configurator import configure, fail, read_text
-from runtime import autocast, gpt2_encoding, load_model, pick_compile, pick_device, pick_dtype
+from dataprep import gpt2_encoding
+from runtime import autocast, load_model, pick_compile, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HF GPT-2 dir

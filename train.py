@@ -23,9 +23,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail, writable_dir
+from dataprep import gpt2_encoding
 from model import GPT, GPTConfig
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
-                     gpt2_encoding, grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
+                     grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
                      read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
                      stop_on_signals, sync, trim_log)

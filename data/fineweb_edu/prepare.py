@@ -99,7 +99,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     if num_docs is not None and val_docs >= num_docs:
         fail(f"val_docs ({val_docs}) must be smaller than num_docs ({num_docs}), or train.bin would be empty")
 
-    dataprep.gpt2()  # fail now, not in a worker, if the tokenizer cannot be had
+    dataprep.gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot be had
     dataprep.start_pool(num_proc)
     stream = dataprep.load_docs(dataset, name, streaming=True)
     if state['docs']:
@@ -116,7 +116,6 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
         fail(f"document {state['docs']} of '{dataset}' has no 'text' string (its fields: {', '.join(first)})")
     docs = itertools.chain([first] if first is not None else [], docs)
 
-    os.makedirs(out, exist_ok=True)
     files = dataprep.open_bins(out, state['tokens'])
     dataprep.checkpoint(state, files, progress_path)
 

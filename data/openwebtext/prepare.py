@@ -47,7 +47,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     out = out_dir if 'out_dir' in overridden else os.path.dirname(os.path.abspath(__file__))
     writable_dir(out, '--out_dir')
 
-    dataprep.gpt2()  # fail now, not in a worker, if the tokenizer cannot be had
+    dataprep.gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot be had
     dataprep.start_pool(num_proc)
     ds = dataprep.load_docs(dataset)
     if 'text' not in ds.column_names:
@@ -64,7 +64,6 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     split = {'train': split['train'], 'val': split['test']}
 
-    os.makedirs(out, exist_ok=True)
     files = dataprep.open_bins(out)  # train.bin.tmp and val.bin.tmp, renamed when both are complete
     try:
         for name, dset in split.items():

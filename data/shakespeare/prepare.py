@@ -25,7 +25,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 input_path = os.path.join(here, 'input.txt')
 text = dataprep.read_or_download(input_path, url)
 print(f"length of dataset in characters: {len(text):,}")
-enc = dataprep.gpt2()
+enc = dataprep.gpt2_encoding()
 
 # split the text first, then encode each part: a token never straddles the boundary
 n = int(len(text) * (1 - val_fraction))

@@ -188,10 +188,11 @@ def bpe_pieces(chunks):
     tests/test_text_data.py). A text with no such place (one gigantic line) is held whole."""
     held = ''
     for chunk in chunks:
+        lo = max(len(held) - 1, 0)  # newlines before lo were turned down already, and what follows them is unchanged
         held += chunk
-        cut = held.rfind('\n', 0, len(held) - 1)
+        cut = held.rfind('\n', lo, len(held) - 1)
         while cut > 0 and held[cut + 1].isspace():  # isspace covers all that the regex's \s does, and more
-            cut = held.rfind('\n', 0, cut)
+            cut = held.rfind('\n', lo, cut)
         if cut > 0:
             yield held[:cut]
             held = held[cut:]
@@ -237,11 +238,11 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
              f"or choose another {'--out_dir' if 'out_dir' in overridden else '--name'}")
     files = find_files(input)
     if tokenizer == 'gpt2':
-        dataprep.gpt2()  # fail now, not in a worker, if the tokenizer cannot be had
+        dataprep.gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot be had
     dataprep.start_pool(num_proc)  # before pyarrow starts its threads
 
     # first pass: every file read and checked, the documents counted, the characters collected
-    n_docs, n_chars, unterminated, chars, per_file = 0, 0, 0, set(), {}
+    n_docs, n_chars, unterminated, chars, seen = 0, 0, 0, set(), set()
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit='B', unit_scale=True, desc='checking',
                disable=None)  # a bar at a terminal only, so that a bad input ends the output in one line
     try:
@@ -255,11 +256,11 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
             if size == 0:
                 fail(f"{path} is empty; put some text in it, or leave it out of --input")
             n_docs, n_chars, unterminated = n_docs + 1, n_chars + size, unterminated + (last != '\n')
-            per_file[path] = per_file.get(path, 0) + 1
+            seen.add(path)
     except KeyboardInterrupt:
         fail("interrupted; nothing was written")
     bar.close()
-    empty = [f for f in files if f not in per_file]
+    empty = [f for f in files if f not in seen]
     if empty:
         fail(f"{empty[0]} has no text in its '{text_column}' column; leave it out of --input")
     single = n_docs == 1
@@ -317,7 +318,6 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
             yield size, batch
 
     # second pass: tokenize and append to train.bin.tmp and val.bin.tmp, renamed when complete
-    os.makedirs(out, exist_ok=True)
     bins = dataprep.open_bins(out)
     tokens = {'train': 0, 'val': 0}
     total = n_chars + (unterminated if tokenizer == 'char' and not single else 0)
