@@ -14,6 +14,17 @@ TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 sys.path.insert(0, REPO)
 
 
+def pytest_addoption(parser):
+    parser.addoption('--full', action='store_true', default=False,
+                     help="run the long acceptance tests at full size (CI runs their short versions)")
+
+
+@pytest.fixture(scope='session')
+def full(request):
+    """True under `pytest --full`: acceptance tests run at their documented full size instead of the CI size"""
+    return request.config.getoption('--full')
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _one_thread():
     """Tiny models in this process: extra threads only add contention (several times slower on a busy 2-core box)."""
