@@ -4,11 +4,16 @@ it is split into train and val:
 
     gpt2_encoding()              GPT-2's BPE (tiktoken's r50k_base), or one line saying why it cannot be had
     start_pool() / tokenized()   batches of documents tokenized by a process pool, in order, a few at a time
-    open_bins() / finish_bins()  token ids appended to <split>.bin.tmp, renamed to <split>.bin once complete
+    claim() / check_overwrite()  one writer per dataset folder; an existing dataset replaced only with --overwrite=True
+    open_bins() / append() / finish_bins()  token ids appended to temp bins, put in place with meta.json once complete
+    write_dataset()              a small dataset held in memory (bins and meta.json), written whole or not at all
     read_progress() / checkpoint()  progress.json, with which a long run continues after a crash
-    char_vocab() / char_ids() / write_meta()  char-level ids and meta.json
+    char_vocab() / char_ids()    char-level ids (meta.json holds the vocabulary)
     load_docs()                  a local json(l)/parquet/csv file or folder, or a Hugging Face Hub dataset
     save() / read_or_download()  small files written atomically; a source text fetched once
+
+A dataset (train.bin, val.bin and meta.json, or no meta.json for GPT-2 BPE) is replaced as a whole or not at all
+(files.commit): a full disk or a kill never leaves bins and a vocabulary that do not belong together.
 
 Bins hold uint16 token ids, one after another: GPT-2's 50,257 ids fit, and so does any char vocabulary
 of up to 65,536 characters. train.py memmaps them; meta.json ({"vocab_size": N, "itos": [chars]}) marks
@@ -25,10 +30,12 @@ import urllib.request
 import numpy as np
 
 import configurator
+import files
 
 EOT = 50256  # GPT-2's <|endoftext|>: marks where documents meet, so the model learns the boundaries
 pool, pool_size = None, 0  # the tokenizing processes, once started
-unfinished = []  # .tmp bins of a run that cannot be resumed: removed if it fails
+unfinished = []  # temp bins of a run that cannot be resumed: removed if it fails
+resumable = False  # the open bins are counted by progress.json: kept if the run fails, for the next run to continue
 
 
 def fail(msg):
@@ -36,8 +43,8 @@ def fail(msg):
     if pool is not None:
         pool.terminate()  # a pool left running at exit makes multiprocessing print a traceback
     for path in unfinished:
-        if os.path.exists(path):
-            os.remove(path)
+        if os.path.exists(path) and not os.path.exists(os.path.join(os.path.dirname(path), files.JOURNAL)):
+            os.remove(path)  # (unless a journal holds them: files.commit then completes the change on the next run)
     configurator.fail(msg)
 
 
@@ -49,14 +56,19 @@ def one_line(e):
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def write_failed(e, where):
+    """a write failed (most likely a full disk): one line; a fresh run's temp bins are removed (fail), a resumable
+    run's are kept for the next run to continue"""
+    fail(f"could not write to {where} ({files.why(e)}); " + (
+        "progress.json keeps the work done: free some space and rerun the same command to continue" if resumable else
+        "nothing was replaced: free some space and run again"))
+
+
 def save(path, data):
-    # a temp name first, so an interrupted run never leaves a half-written file under the real name
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        files.write_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): data})
+    except OSError as e:
+        fail(str(e))
 
 
 def read_or_download(path, url):
@@ -106,9 +118,9 @@ def char_ids(text, codes):
     return np.searchsorted(codes, points).astype(np.uint16)
 
 
-def write_meta(out, chars):
+def meta_json(chars):
     # JSON, not pickle: loading a pickle can run arbitrary code
-    save(os.path.join(out, 'meta.json'), json.dumps({'vocab_size': len(chars), 'itos': chars}).encode())
+    return json.dumps({'vocab_size': len(chars), 'itos': chars}).encode()
 
 
 # ----------------------------------------------------------------------------- tokenizing in a pool
@@ -171,57 +183,107 @@ def tokenized(batches, codes=None):
 
 # ----------------------------------------------------------------------------- bins and progress
 
-def write_bins(out, ids):
-    """A small dataset held in memory: {split: ids} -> out/<split>.bin, each written whole or not at all."""
-    for split, v in ids.items():
-        save(os.path.join(out, f'{split}.bin'), np.asarray(v, dtype=np.uint16).tobytes())
+def check_overwrite(out, overwrite, flag=None):
+    """the rule of every script that writes a dataset: one already in out is replaced only with --overwrite=True"""
+    existing = [f for f in ('train.bin', 'val.bin', 'meta.json') if os.path.isfile(os.path.join(out, f))]
+    if existing and not overwrite:
+        fail(f"{out} already holds a dataset ({', '.join(existing)}); pass --overwrite=True to replace it" +
+             (f", or choose another {flag}" if flag else ''))
+
+
+def claim(out):
+    """this process becomes the one writer of the dataset folder out (created if missing) until it exits"""
+    busy = files.lock_dir(out)
+    if busy:
+        fail(f"{out} is being written by another process ({busy}); wait for it to finish, or stop it")
+
+
+def write_dataset(out, ids, chars=None, overwrite=False):
+    """A small dataset held in memory: {split: ids} -> out/<split>.bin, and meta.json for a char vocabulary (removed
+    if not: a BPE dataset replacing a char one must not keep it), all replaced together or not at all. A different
+    dataset already there is replaced only with overwrite; the very same one is left as it is."""
+    claim(out)
+    contents = {f'{split}.bin': np.asarray(v, dtype=np.uint16).tobytes() for split, v in ids.items()}
+    contents['meta.json'] = meta_json(chars) if chars is not None else None
+    path = lambda name: os.path.join(out, name)
+    if not overwrite and all((open(path(n), 'rb').read() if os.path.isfile(path(n)) else None) == data
+                             for n, data in contents.items()):
+        print(f"{out} already holds this very dataset; nothing to do")
+        return
+    check_overwrite(out, overwrite)
+    try:
+        files.write_files(out, contents)
+    except OSError as e:
+        fail(str(e))
 
 
 def open_bins(out, tokens=None):
-    """{'train': file, 'val': file} appending to out/<split>.bin.tmp; finish_bins gives them their real names.
-    tokens None: a fresh run, whose .tmp files are removed if it fails. Else a resumed run: each bin is cut back
-    to the tokens[split] ids that progress.json counted (a finished <split>.bin being extended is moved back to
-    its .tmp name first, so train.py never reads a bin while it grows)."""
-    os.makedirs(out, exist_ok=True)
-    files = {}
+    """{'train': file, 'val': file} appending to temp bins in out; finish_bins puts them in place.
+    tokens None: a fresh run, whose temp bins are removed if it fails. Else a resumed run (progress.json): its bins
+    are <split>.bin.tmp, each cut back to the tokens[split] ids that progress.json counted (a finished <split>.bin
+    being extended is moved back to its .tmp name first, so train.py never reads a bin while it grows)."""
+    global resumable
+    claim(out)
+    bins = {}
     for split in ('train', 'val'):
         path = os.path.join(out, f'{split}.bin')
         if tokens is None:
-            files[split] = open(path + '.tmp', 'wb')
-            unfinished.append(path + '.tmp')
+            bins[split] = open(os.path.join(out, files.temp_name(f'{split}.bin')), 'wb')
+            unfinished.append(bins[split].name)
             continue
-        if not os.path.exists(path + '.tmp') and os.path.exists(path):
+        if not os.path.exists(path + '.tmp') and os.path.exists(path) and tokens[split]:
             os.replace(path, path + '.tmp')
-        files[split] = open(path + '.tmp', 'ab')
-        files[split].truncate(2 * tokens[split])  # anything after it was written after the last checkpoint
-    return files
+        bins[split] = open(path + '.tmp', 'ab')
+        bins[split].truncate(2 * tokens[split])  # anything after it was written after the last checkpoint
+        resumable = True
+    return bins
 
 
-def sync(files):
-    for f in files.values():
+def append(bins, ids):
+    """ids {split: uint16 ids} appended to the open bins"""
+    try:
+        for split, v in ids.items():
+            bins[split].write(v.tobytes())
+    except OSError as e:
+        write_failed(e, os.path.dirname(bins[split].name))
+
+
+def sync(bins):
+    for f in bins.values():
         f.flush()
         os.fsync(f.fileno())
 
 
-def finish_bins(files):
-    """Close the .tmp bins and rename them to out/<split>.bin: on disk first, so a crash never leaves a short bin."""
-    sync(files)
-    for f in files.values():
-        f.close()
-        os.replace(f.name, f.name.removesuffix('.tmp'))
-        if f.name in unfinished:
-            unfinished.remove(f.name)
+def finish_bins(bins, chars=None):
+    """Close the temp bins and put them in place as out/<split>.bin, with meta.json for a char vocabulary (removed if
+    not), all in one change (files.commit): on disk first, so a crash never leaves a short bin."""
+    out = os.path.dirname(bins['train'].name)
+    try:
+        sync(bins)
+        for f in bins.values():
+            f.close()
+        temps = {f'{split}.bin': os.path.basename(f.name) for split, f in bins.items()}
+        temps['meta.json'] = None
+        if chars is not None:
+            temps['meta.json'] = files.temp_name('meta.json')
+            unfinished.append(os.path.join(out, temps['meta.json']))
+            with open(os.path.join(out, temps['meta.json']), 'wb') as f:
+                f.write(meta_json(chars))
+                f.flush()
+                os.fsync(f.fileno())
+        files.commit(out, temps)
+        unfinished.clear()
+    except OSError as e:
+        write_failed(e, out)
 
 
-def checkpoint(state, files, path):
+def checkpoint(state, bins, path):
     # the bins reach the disk before the record that counts them, so the record never claims more than is there
-    sync(files)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves either the old record or the new one
+    try:
+        sync(bins)
+        files.write_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): json.dumps(state, indent=1).encode()})
+    except OSError as e:
+        write_failed(e, os.path.dirname(os.path.abspath(path)))
 
 
 def read_progress(path, out, fields):

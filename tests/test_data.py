@@ -20,7 +20,7 @@ def install(tmp_path, name):
     d = tmp_path / 'data' / name
     d.mkdir(parents=True)
     shutil.copy(os.path.join(REPO, 'data', name, 'prepare.py'), d)
-    for module in ('configurator.py', 'dataprep.py'):
+    for module in ('configurator.py', 'dataprep.py', 'files.py'):
         shutil.copy(os.path.join(REPO, module), tmp_path)
     return d
 
@@ -73,7 +73,8 @@ def decode_docs(ids, eot_first):
 
 
 def no_leftovers(d):
-    assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
+    """no temp file (NAME.tmp or NAME.tmp.<pid>) and no unfinished replacement (files.JOURNAL) left in d"""
+    assert not [f for f in os.listdir(d) if '.tmp' in f or f == '.commit.json']
 
 
 def error_line(p):

@@ -34,28 +34,40 @@ num_proc = min(8, os.cpu_count() or 1)  # tokenizing processes; 1 = tokenize in 
 chunk_docs = 1024  # documents per batch handed to a tokenizing process
 checkpoint_s = 30.0  # seconds between progress saves; a crash costs at most this much work
 out_dir = ''  # where train.bin, val.bin and progress.json go; not given = next to this script
+overwrite = False  # start over, replacing the dataset (or the unfinished run) already in out_dir
 overridden = configure(globals())
+no_text = 0  # documents whose text is null: left out, and counted
 
 # what progress.json holds, checked before a run continues from it
 PROGRESS = {'dataset': str, 'name': (str, type(None)), 'val_docs': int, 'docs': int, 'done': bool,
             'num_docs': (int, type(None))}
 
 
+def has_text(doc, i):
+    """True for a document with text, False for one whose text is null (left out, and counted); anything else stops"""
+    global no_text
+    if doc.get('text') is None and 'text' in doc:
+        no_text += 1
+        return False
+    if not isinstance(doc.get('text'), str):
+        fail(f"document {i} of '{dataset}' has no 'text' string (its fields: {', '.join(doc)})")
+    return True
+
+
 def batches(docs, start, stop):
     """(n, items) for documents start..stop-1 of docs, chunk_docs at a time: EOT then the text of each, for val.bin
     while fewer than val_docs are done and for train.bin after (see dataprep.encode)."""
-    items, i = [], start
+    items, i, n = [], start, 0
     for doc in itertools.islice(docs, None if stop is None else stop - start):
-        if not isinstance(doc.get('text'), str):
-            fail(f"document {i} of '{dataset}' has no 'text' string (its fields: {', '.join(doc)})")
         split = 'val' if i < val_docs else 'train'
-        items += [(split, EOT), (split, doc['text'])]
-        i += 1
-        if len(items) == 2 * chunk_docs:
-            yield chunk_docs, items
-            items = []
-    if items:
-        yield len(items) // 2, items
+        if has_text(doc, i):
+            items += [(split, EOT), (split, doc['text'])]
+        i, n = i + 1, n + 1
+        if n == chunk_docs:
+            yield n, items
+            items, n = [], 0
+    if n:
+        yield n, items
 
 
 if __name__ == '__main__':  # the tokenizing processes may re-import this file; only the parent runs the pipeline
@@ -70,9 +82,11 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     out = out_dir if 'out_dir' in overridden else os.path.dirname(os.path.abspath(__file__))
     writable_dir(out, '--out_dir')
     progress_path = os.path.join(out, 'progress.json')
+    if os.path.isdir(out):
+        dataprep.claim(out)  # before reading progress.json: no other run may be writing it
 
     # resume from progress.json if an earlier run left one, but only a run over the same documents
-    state = dataprep.read_progress(progress_path, out, PROGRESS)
+    state = None if overwrite else dataprep.read_progress(progress_path, out, PROGRESS)
     if state is not None:
         if state['val_docs'] < 1:
             fail(f"{progress_path} is damaged (val_docs is {state['val_docs']}); delete {progress_path} to start over")
@@ -92,6 +106,8 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
         print(f"resuming after {state['docs']:,} documents")
         state = {**state, 'done': False, 'num_docs': None}  # a finished trial run being extended is not done any more
     else:
+        if not os.path.exists(progress_path):
+            dataprep.check_overwrite(out, overwrite, '--out_dir')  # a dataset another script wrote
         if num_docs is not None and 'val_docs' not in overridden:
             val_docs = min(val_docs, max(1, num_docs // 100))  # a small trial run keeps most documents for train
         state = {'dataset': source, 'name': subset, 'val_docs': val_docs,
@@ -112,8 +128,9 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
         first = next(docs, None)
     except Exception as e:
         fail(dataprep.unreadable(dataset, e))
-    if first is not None and not isinstance(first.get('text'), str):
-        fail(f"document {state['docs']} of '{dataset}' has no 'text' string (its fields: {', '.join(first)})")
+    if first is not None:
+        has_text(first, state['docs'])
+        no_text = 0  # counted again when batches() reads it
     docs = itertools.chain([first] if first is not None else [], docs)
 
     files = dataprep.open_bins(out, state['tokens'])
@@ -123,8 +140,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     bar = tqdm(initial=state['docs'], total=num_docs, unit='doc', desc='tokenizing')
     try:
         for n, ids in dataprep.tokenized(batches(docs, state['docs'], num_docs)):
-            for split, v in ids.items():
-                files[split].write(v.tobytes())
+            dataprep.append(files, ids)
             # a single assignment, so an interrupt can never leave the counts half updated
             state = {**state, 'docs': state['docs'] + n,
                      'tokens': {s: state['tokens'][s] + len(ids.get(s, ())) for s in state['tokens']}}
@@ -157,5 +173,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     dt = time.time() - t0
     print(f"done: {state['docs']:,} documents; val.bin {state['tokens']['val']:,} tokens, train.bin {state['tokens']['train']:,} tokens")
     print(f"this run: {new_tokens:,} tokens in {dt:.1f}s ({new_tokens / max(dt, 1e-9):,.0f} tokens/s with num_proc={num_proc})")
+    if no_text:
+        print(f"note: {no_text:,} documents had no text (null) and were left out")
     if state['tokens']['train'] == 0:
         print(f"warning: train.bin is empty: the dataset has no more than val_docs={val_docs} documents")

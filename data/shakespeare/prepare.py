@@ -17,6 +17,7 @@ import dataprep
 
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched only if input.txt is missing
 val_fraction = 0.1  # the last 10% of the characters are held out for validation
+overwrite = False  # replace a different dataset already here (rerunning on the same input.txt changes nothing)
 configure(globals())
 if not 0.0 < val_fraction < 1.0:
     fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -35,4 +36,4 @@ if not ids['train'] or not ids['val']:
     fail(f"{input_path} is too short ({len(text)} characters) to split into train and val")
 print(f"train has {len(ids['train']):,} tokens")
 print(f"val has {len(ids['val']):,} tokens")
-dataprep.write_bins(here, ids)
+dataprep.write_dataset(here, ids, overwrite=overwrite)

@@ -17,6 +17,7 @@ import dataprep
 
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched only if input.txt is missing
 val_fraction = 0.1  # the last 10% of the characters are held out for validation
+overwrite = False  # replace a different dataset already here (rerunning on the same input.txt changes nothing)
 configure(globals())
 if not 0.0 < val_fraction < 1.0:
     fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -38,5 +39,4 @@ codes = dataprep.code_points(chars)
 ids = {'train': dataprep.char_ids(text[:n], codes), 'val': dataprep.char_ids(text[n:], codes)}
 print(f"train has {len(ids['train']):,} tokens")
 print(f"val has {len(ids['val']):,} tokens")
-dataprep.write_bins(here, ids)
-dataprep.write_meta(here, chars)
+dataprep.write_dataset(here, ids, chars, overwrite)

@@ -24,7 +24,8 @@ so that they do not run into each other.
 The text is streamed twice: a first pass checks every file, counts the documents and collects the characters,
 so bad input stops the run before anything is written; the second tokenizes in a process pool and appends to
 the bins. Neither the text nor the tokens are ever all in memory, so a corpus larger than RAM works. The bins
-are written as .tmp files and renamed at the end: a failed run leaves nothing half-written.
+are written under temp names and put in place together with meta.json at the end: a failed run (a full disk
+included) leaves nothing half-written, and a dataset it was to replace as it was.
 """
 
 import codecs
@@ -232,10 +233,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
         if os.path.exists(os.path.join(out, 'prepare.py')):
             fail(f"data/{name} is the home of {os.path.join('data', name, 'prepare.py')}; choose another --name")
         writable_dir(out, '--name')
-    existing = [f for f in ('train.bin', 'val.bin', 'meta.json') if os.path.isfile(os.path.join(out, f))]
-    if existing and not overwrite:
-        fail(f"{out} already holds a dataset ({', '.join(existing)}); pass --overwrite=True to replace it, "
-             f"or choose another {'--out_dir' if 'out_dir' in overridden else '--name'}")
+    dataprep.check_overwrite(out, overwrite, '--out_dir' if 'out_dir' in overridden else '--name')
     files = find_files(input)
     if tokenizer == 'gpt2':
         dataprep.gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot be had
@@ -317,15 +315,15 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
         if batch:
             yield size, batch
 
-    # second pass: tokenize and append to train.bin.tmp and val.bin.tmp, renamed when complete
+    # second pass: tokenize and append to temp bins, put in place with meta.json (or its removal) when complete
     bins = dataprep.open_bins(out)
     tokens = {'train': 0, 'val': 0}
     total = n_chars + (unterminated if tokenizer == 'char' and not single else 0)
     try:
         with tqdm(total=total, unit='char', unit_scale=True, desc='tokenizing') as bar:
             for size, ids in dataprep.tokenized(batches(), codes):
+                dataprep.append(bins, ids)
                 for split, v in ids.items():
-                    bins[split].write(v.tobytes())
                     tokens[split] += len(v)
                 bar.update(size)
     except KeyboardInterrupt:
@@ -333,14 +331,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     except Exception as e:  # the first pass read every file: most likely one changed or vanished since
         fail(f"tokenizing failed ({dataprep.one_line(e)}); nothing was written to {out}")
     dataprep.stop_pool()
-    # meta.json before the bins: a BPE dataset replacing a char one must not keep its meta.json, or train.py would
-    # read the new ids as characters
-    meta = os.path.join(out, 'meta.json')
-    if tokenizer == 'char':
-        dataprep.write_meta(out, chars)
-    elif os.path.exists(meta):
-        os.remove(meta)
-    dataprep.finish_bins(bins)
+    dataprep.finish_bins(bins, chars if tokenizer == 'char' else None)  # a BPE dataset replacing a char one loses meta.json
     print(f"train.bin {tokens['train']:,} tokens, val.bin {tokens['val']:,} tokens in {out}")
     if 'out_dir' not in overridden:
         print(f"train on it: python train.py --dataset={name} (see the top of {os.path.relpath(__file__)})")
