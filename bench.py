@@ -22,7 +22,8 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, fail, read_text
+import memory
+from configurator import configure, fail, read_text, unused
 from model import GPT, GPTConfig
 from runtime import autocast, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch, sync
 
@@ -58,8 +59,11 @@ compile = None  # None = on for CUDA, off elsewhere
 compile_mode = 'default'  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 # -----------------------------------------------------------------------------
 configure(globals())
+memory.explain_oom("--batch_size or --block_size (or --sample_batch / --max_new_tokens in sample mode)")
 if mode not in ('train', 'sample', 'data', 'eval'):
     fail(f"unknown mode '{mode}'; use train, sample, data or eval")
+if not 0 <= seed < 2**64:
+    fail(f"seed must be in [0, 2**64), got {seed}")
 for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit', 'max_new_tokens',
              'prompt_tokens', 'sample_batch'):
     if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
@@ -75,6 +79,19 @@ dtype = pick_dtype(dtype, device)
 compile = pick_compile(compile, device)
 ctx = autocast(device_type, dtype)
 REPO = os.path.dirname(os.path.abspath(__file__))
+for only, keys in (('sample', ('max_new_tokens', 'prompt_tokens', 'sample_batch', 'temperature', 'no_cache')),
+                   ('data', ('text_file', 'data_chars', 'num_proc')), ('eval', ('hellaswag_limit', 'hellaswag_dir'))):
+    if mode != only:
+        unused(keys, f"with mode='{mode}' (they are for mode='{only}')")
+if not compile or mode == 'sample':
+    unused(('compile_mode',), 'with compile off' if not compile else 'in sample mode (decoding compiles its own way)')
+n_params = memory.params(n_layer, n_embd, block_size, vocab_size)  # sizes checked before anything is allocated
+if mode == 'sample':
+    memory.check(memory.sampling(n_params, n_layer, n_embd, block_size, vocab_size, sample_batch,
+                                 prompt_tokens + max_new_tokens, dtype, '--sample_batch'), device, 'bench.py')
+elif mode == 'eval':
+    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype, None), device,
+                 'bench.py')
 
 
 def make_model(attn):
@@ -142,7 +159,8 @@ def bench_train(attn, tmp):
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use: its peak resident memory
     if status:
-        fail(f"train.py failed for attn_type {attn}: {output.strip().splitlines()[-1] if output.strip() else status}")
+        fail(f"train.py failed for attn_type {attn}: "
+             f"{output.strip().splitlines()[-1].removeprefix('error: ') if output.strip() else status}")
     records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     timed = [r for r in records if r['loss'] is not None][-iters:]
     if any(r['tokens_per_sec'] is None for r in timed):

@@ -7,12 +7,14 @@ Overrides a script's module-level globals from config files and --key=value flag
 Config files are plain Python, executed as your own code (never run one you did not write or read).
 Flags are parsed with ast.literal_eval (never eval): numbers, booleans, None, quoted strings, tuples;
 anything that is not a literal is taken as a string (--device=cpu). A key the script does not have,
-or a value of the wrong type, stops the script with one line that names the key and the closest valid ones.
+or a value of the wrong type, stops the script with one line that names the key and the closest valid ones; so
+does a number that is not finite (1e400 is inf, in a flag or a config file).
 Used by train.py, sample.py, bench.py and the prepare/eval scripts:  configure(globals())
 """
 
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -62,11 +64,21 @@ def read_text(path, flag):
              f"convert it, e.g. iconv -t utf-8")
 
 
+def unused(keys, why):
+    """say once (rank 0) which of keys, given as --key=value flags, have no effect in this run, and why"""
+    given = [k for k in keys if any(a.startswith(f'--{k}=') for a in sys.argv[1:])]
+    if given and os.environ.get('RANK', '0') == '0':
+        print(f"note: {', '.join('--' + k for k in given)} {'has' if len(given) == 1 else 'have'} no effect {why}",
+              file=sys.stderr)
+
+
 def _check(key, value, defaults, source, optional=()):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see the globals at the top of the script"
         fail(f"unknown config key '{key}' ({source}){hint}")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+        fail(f"config key '{key}' is {value!r}, not a finite number ({source}); give a real value")
     want = defaults[key]
     if want is None:
         return value  # a None default (an optional limit, or 'auto') takes any literal
@@ -75,6 +87,8 @@ def _check(key, value, defaults, source, optional=()):
             fail(f"config key '{key}' cannot be None; it wants a {type(want).__name__} like {want!r} ({source})")
         return value
     if isinstance(want, float) and type(value) is int:
+        if abs(value) >= 2 ** 1024:
+            fail(f"config key '{key}' is {value}, too large for a float ({source}); give a real value")
         return float(value)  # --learning_rate=1 is fine for a float
     if type(value) is not type(want):
         fail(f"config key '{key}' wants a {type(want).__name__} like {want!r}, got {value!r} ({source})")

@@ -25,6 +25,7 @@ import shutil
 import torch
 
 from configurator import configure, fail, writable_dir
+from files import sweep, why
 from runtime import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -189,6 +190,9 @@ else:
     notes.append("character-level model: Hugging Face has no tokenizer for a char vocab; char_vocab.json "
                  "holds it (token id i is itos[i]: encode with [itos.index(c) for c in text])")
 
+parent, name = os.path.split(os.path.abspath(export_dir))
+if os.path.isdir(parent):
+    sweep(parent, name)  # the temp directories of exports that were killed midway
 tmp = f"{export_dir.rstrip(os.sep)}.tmp.{os.getpid()}"
 try:
     hf.save_pretrained(tmp)  # config.json + model.safetensors; transformers handles the tied weights
@@ -203,7 +207,7 @@ try:
                    'iter_num': ckpt.get('iter_num'), 'files': files}, f, indent=1)
 except Exception as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    fail(f"could not write the export to {tmp}: {type(e).__name__}: {str(e)[:200]}")
+    fail(f"could not write the export to {tmp} ({why(e)}); nothing was replaced")
 
 # swap the finished directory into place. An earlier export is replaced only now, after a second look (the export
 # may have taken a while), and of it only the files its manifest lists are deleted

@@ -7,6 +7,7 @@ Every writer of the repo goes through here; a checkpoint, one file, through runt
     write_files(folder, {name: bytes or None})   replace a set of files together or not at all (None removes a name)
     commit(folder, {name: temp name or None})    the same for files already streamed to temp names (dataprep's bins)
     temp_name(name)              name.tmp.<pid>, this process's temp name for name
+    sweep(folder, name)          remove the temp files (and directories) that killed writers left behind
     finish_pending(folder)       for a reader: complete a replacement that a killed writer left half done
     why(e)                       what went wrong with a write, in a few words ('No space left on device')
 
@@ -131,10 +132,16 @@ def recover(folder):
     (NAME.tmp.<pid>) of writers that were killed mid-write"""
     if os.path.exists(os.path.join(folder, JOURNAL)):
         finish(folder)
-    for name in os.listdir(folder):
-        m = re.fullmatch(r'.+\.tmp\.(\d+)', name)
-        if m and not alive(int(m.group(1))):
-            remove(os.path.join(folder, name))
+    sweep(folder)
+
+
+def sweep(folder, name=None):
+    """remove the temp files and directories (NAME.tmp.<pid>, or only name's) of writers killed mid-write: those whose
+    process is gone (a live writer's are left alone, so this is safe without the lock)"""
+    for entry in os.listdir(folder):
+        m = re.fullmatch(r'(.+)\.tmp\.(\d+)', entry)
+        if m and name in (None, m.group(1)) and not alive(int(m.group(2))):
+            remove(os.path.join(folder, entry))
 
 
 def holder(folder):
@@ -144,8 +151,11 @@ def holder(folder):
         for line in open('/proc/locks'):
             f = line.split()  # N: FLOCK ADVISORY WRITE pid major:minor:inode start end ('->' marks a waiter)
             if f[1] == 'FLOCK' and f[5].endswith(inode):
-                cmd = open(f'/proc/{f[4]}/cmdline', 'rb').read().replace(b'\0', b' ').decode(errors='replace')
-                return f"pid {f[4]}: {cmd.strip()[:150]}"
+                args = open(f'/proc/{f[4]}/cmdline', 'rb').read().decode(errors='replace').split('\0')
+                if os.path.basename(args[0]).startswith('python'):
+                    args = args[1:]  # the script and its flags say more than the interpreter's path
+                cmd = ' '.join(' '.join(args).split())
+                return f"pid {f[4]}: {cmd[:100]}{'...' if len(cmd) > 100 else ''}"
     return "another process"
 
 

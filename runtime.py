@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+import files
 from configurator import fail
 from model import GPT, GPTConfig
 
@@ -262,8 +263,18 @@ def model_from_checkpoint(ckpt, override_args=None, source='the checkpoint'):
     if problems:
         fail(f"{source}: its weights do not fit its model_args ({problems[0]}"
              f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); was it written by this repo?")
+    refuse_non_finite(sd, source, 'weights')
     model.load_state_dict(sd)
     return model
+
+
+def refuse_non_finite(tensors, source, what):
+    """weights (or optimizer state) holding NaN or inf are refused where they are loaded: sampled they give empty
+    text, trained they give NaN, and neither says why"""
+    bad = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        fail(f"{source}: NaN or inf in its {what} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
+             f"so it cannot be used; take an earlier checkpoint (a run keeps ckpt_<step>.pt with --checkpoint_interval)")
 
 
 def load_model(init_from, out_dir, device, override_args=None):
@@ -279,6 +290,7 @@ def load_model(init_from, out_dir, device, override_args=None):
             model = GPT.from_pretrained(init_from, override_args)
         except (OSError, ValueError) as e:
             fail(str(e))
+        refuse_non_finite(model.state_dict(), init_from, 'weights')
     else:
         fail(f"unknown init_from '{init_from}'; use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
              f"or a local Hugging Face GPT-2 directory")
@@ -308,6 +320,19 @@ def slurm_as_torchrun():
         env['LOCAL_WORLD_SIZE'] = env['SLURM_NTASKS_PER_NODE']
 
 
+def check_launcher():
+    """torchrun's variables come all together: RANK or WORLD_SIZE set by hand without the rest (MASTER_ADDR...) would
+    fail deep in the process group's start, or quietly run one process as if it were one of several"""
+    env, launch = os.environ, ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+    if 'RANK' not in env and 'WORLD_SIZE' not in env:
+        return
+    numbers = [env.get(k, '0') for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT')]
+    if not all(env.get(k) for k in launch) or not all(n.isdigit() for n in numbers) or int(numbers[0]) >= int(numbers[1]):
+        fail(f"the launcher's variables are incomplete or inconsistent ({', '.join(f'{k}={env.get(k)}' for k in launch)}): start several "
+             f"processes with torchrun (it sets them all), or unset {', '.join(k for k in launch if k in env)} to "
+             f"train in one process")
+
+
 def check_wandb():
     """the wandb module, once it is importable and has an API key (or logs offline); one line otherwise"""
     try:
@@ -331,6 +356,11 @@ def open_token_files(data_dir, dataset, block_size):
     """train.bin / val.bin memmapped once (uint16 token ids) and meta.json's char vocabulary (None for GPT-2 BPE);
     a missing, cut-short or too-small file and a damaged meta.json are each one line saying what to run"""
     repo = os.path.dirname(os.path.abspath(__file__))
+    try:
+        files.finish_pending(data_dir)  # a replacement of the dataset that its writer did not live to finish
+    except OSError as e:
+        fail(f"{data_dir} holds a half-done replacement of its dataset that cannot be finished ({files.why(e)}); "
+             f"re-run the dataset's prepare.py")
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.isfile(path):
@@ -350,8 +380,10 @@ def open_token_files(data_dir, dataset, block_size):
             meta = json.load(open(path, encoding='utf-8'))
         except (ValueError, UnicodeDecodeError) as e:
             fail(f"{path} is not valid JSON ({str(e)[:80]}); re-run the dataset's prepare.py")
-        if not (isinstance(meta, dict) and isinstance(meta.get('itos'), list) and meta.get('vocab_size') == len(meta['itos'])):
-            fail(f"{path} must hold vocab_size and itos (the character vocabulary); re-run the dataset's prepare.py")
+        if not (isinstance(meta, dict) and isinstance(meta.get('itos'), list) and meta.get('vocab_size') == len(meta['itos'])
+                and all(isinstance(c, str) for c in meta['itos'])):
+            fail(f"{path} must hold vocab_size and itos (the character vocabulary, as strings); re-run the dataset's "
+                 f"prepare.py")
     return {s: np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')}, meta
 
 
@@ -426,6 +458,8 @@ def load_optimizer_state(model, optimizers, state, sharded, path):
     """a checkpoint's optimizer state, keyed by parameter name with whole tensors (any world size, sharded or not,
     reads it); an earlier version's plain state_dict (parameters numbered) is read into the one AdamW"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    refuse_non_finite({f"{n}.{k}": v for n, values in state['state'].items() for k, v in values.items()}, path,
+                      'optimizer state')
     if state['param_groups'] and isinstance((state['param_groups'][0]['params'] or [''])[0], int):
         if sharded or len(optimizers) > 1:
             fail(f"{path} is in an older format: resume it once with one process and AdamW, then as you wish")
@@ -456,8 +490,11 @@ def append_log(path, record, wandb=None):
     full = {k: record.get(k) for k in ('iter', 'loss', 'train_loss', 'val_loss', 'hellaswag', 'lr', 'grad_norm',
                                        'tokens_per_sec', 'mfu', 'time')}
     full['time'] = time.time()
-    with open(path, 'a') as f:
-        f.write(json.dumps(full) + '\n')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(full) + '\n')
+    except OSError as e:  # a full disk: the checkpoints are whole, and resuming drops a record cut short
+        fail(f"could not append to {path} ({files.why(e)}); free some space and continue with --init_from=resume")
     if wandb:
         wandb.log({k: v for k, v in full.items() if v is not None and k != 'iter'}, step=full['iter'])
 
@@ -473,9 +510,10 @@ def trim_log(path, iter_num):
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    try:
+        files.write_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): ''.join(kept).encode()})
+    except OSError as e:
+        fail(str(e))
 
 
 # -- batches ----------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from configurator import configure, fail, read_text
+import memory
+from configurator import configure, fail, read_text, unused
 from dataprep import gpt2_encoding
 from runtime import autocast, load_model, pick_compile, pick_device, pick_dtype
 
@@ -35,6 +36,7 @@ dtype = 'auto'  # 'auto' (bfloat16 where native, float16 on older GPUs, float32 
 compile = None  # torch.compile the prefill and decode steps; None = on for CUDA GPUs, off elsewhere
 # -----------------------------------------------------------------------------
 configure(globals(), optional=('top_k',))
+memory.explain_oom("--num_samples or --max_new_tokens")
 if num_samples <= 0 or max_new_tokens <= 0:
     fail("num_samples and max_new_tokens must be positive")
 if temperature < 0:
@@ -43,6 +45,12 @@ if top_k is not None and top_k <= 0:
     fail(f"top_k must be a positive integer or None (all tokens), got {top_k}")
 if not 0 < top_p <= 1:
     fail(f"top_p must be in (0, 1] (1 = all tokens), got {top_p}")
+if not 0 <= seed < 2**64:
+    fail(f"seed must be in [0, 2**64), got {seed}")
+if temperature == 0:
+    unused(('top_k', 'top_p'), 'with temperature=0 (greedy: the most likely token is always taken)')
+if init_from != 'resume':
+    unused(('out_dir',), f"with init_from='{init_from}'")
 if start.startswith('FILE:'):  # the prompt from a file; checked before the (slow) model load
     prompt_file = start[5:]
     start = read_text(prompt_file, f"--start=FILE:{prompt_file}")
@@ -65,6 +73,7 @@ if meta:  # a char-level model decodes with its dataset's vocabulary (stored as 
         fail(f"the prompt has characters outside this model's vocabulary: {''.join(unknown)!r}; remove them")
     ids = [stoi[c] for c in start]
     token_bytes = lambda i: itos[i].encode('utf-8')
+    unused(('stop_at_eot',), 'for a char-level model (it has no <|endoftext|>)')
 else:  # GPT-2's BPE
     enc = gpt2_encoding()
     ids = enc.encode(start, allowed_special={'<|endoftext|>'})
@@ -75,6 +84,10 @@ if not ids:
 if len(ids) > model.config.block_size:
     fail(f"the prompt is {len(ids)} tokens but the model sees at most {model.config.block_size} (its block_size); "
          f"shorten it")
+cfg = model.config
+memory.check(memory.sampling(sum(p.numel() for p in model.parameters()), cfg.n_layer, cfg.n_embd, cfg.block_size,
+                             cfg.vocab_size, 1 if stream else num_samples, len(ids) + max_new_tokens, dtype),
+             device, 'sample.py')
 
 
 def text(row):

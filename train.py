@@ -22,14 +22,17 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, fail, writable_dir
+import memory
+from configurator import configure, fail, unused, writable_dir
 from dataprep import gpt2_encoding
+from files import lock_dir
 from model import GPT, GPTConfig
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
                      read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
                      stop_on_signals, sync, trim_log)
+from runtime import check_launcher, refuse_non_finite
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -96,6 +99,7 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 overrides = configure(globals())
+memory.explain_oom("--batch_size or --block_size, or set --activation_checkpointing=True (or train a smaller model)")
 ckpt, ckpt_path = None, None
 if init_from == 'resume':  # continue with the run's own settings, except those given again here
     ckpt_path = os.path.join(out_dir, 'ckpt_last.pt')  # only there when it is newer than ckpt.pt (see save_checkpoint)
@@ -137,15 +141,23 @@ if optimizer == 'muon' and fsdp:
 if init_from not in ('scratch', 'resume', 'finetune') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
     fail(f"unknown init_from '{init_from}'; use scratch, resume, finetune, gpt2, gpt2-medium, gpt2-large, "
          f"gpt2-xl or a local Hugging Face GPT-2 directory")
-if not eval_only:
-    writable_dir(out_dir, '--out_dir')
+def taken():
+    """why a fresh run may not write out_dir ('' if it may): another run's checkpoint is there"""
     if init_from != 'resume' and not overwrite and any(os.path.exists(os.path.join(out_dir, f))
                                                        for f in ('ckpt.pt', 'ckpt_last.pt')):
-        fail(f"out_dir '{out_dir}' already holds a run; continue it with --init_from=resume, or replace it with "
-             f"--overwrite=True (or choose another --out_dir)")
+        return (f"out_dir '{out_dir}' already holds a run; continue it with --init_from=resume, or replace it with "
+                f"--overwrite=True (or choose another --out_dir)")
+    return ''
+
+
+if not eval_only:
+    writable_dir(out_dir, '--out_dir')
+    if taken():
+        fail(taken())
 
 # -- processes and devices ---------------------------------------------------------
 slurm_as_torchrun()
+check_launcher()
 ddp = 'RANK' in os.environ  # launched by torchrun (or srun)?
 if fsdp and not ddp:
     fail("fsdp=True shards the model over several processes: launch with torchrun (or srun), or drop --fsdp")
@@ -155,6 +167,17 @@ device = pick_device(device)  # a torch.device with the GPU index this process o
 device_type = device.type
 dtype = pick_dtype(dtype, device)
 compile = pick_compile(compile, device)
+# flags given that have no effect in this combination: said once, never silently dropped
+for keys, off, why in ((('compile_mode',), not compile, 'with compile off'),
+                       (('muon_lr', 'muon_momentum'), optimizer != 'muon', f"with optimizer='{optimizer}'"),
+                       (('finetune_from',), init_from != 'finetune', f"with init_from='{init_from}'"),
+                       (('warmup_iters', 'lr_decay_iters', 'min_lr'), not decay_lr, 'with decay_lr=False'),
+                       (('sample_prompt', 'sample_tokens', 'num_samples'), not sample_interval, 'with sample_interval=0'),
+                       (('hellaswag_limit', 'hellaswag_dir'), not hellaswag_interval, 'with hellaswag_interval=0'),
+                       (('wandb_project', 'wandb_run_name'), not wandb_log, 'with wandb_log=False'),
+                       (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)')):
+    if off:
+        unused(keys, why)
 if fsdp and device_type == 'cpu' and dtype != 'float32':  # its blocks' float32 stream meets bf16 LayerNorm weights
     fail(f"fsdp=True in {dtype} needs GPUs (CPU autocast runs LayerNorm only in its input's dtype); use --dtype=float32")
 backend = ('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend
@@ -177,7 +200,11 @@ if hellaswag_interval:  # examples (downloaded once) are checked now, before any
     hellaswag_examples = hellaswag.load_examples(limit=hellaswag_limit, data_dir=hellaswag_dir or hellaswag.data_dir)
 if meta:  # text <-> ids for samples: the dataset's characters, or GPT-2's BPE
     stoi = {c: i for i, c in enumerate(meta['itos'])}
-    encode, decode = (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: ''.join(meta['itos'][i] for i in ids))
+    unknown = sorted(set(sample_prompt) - set(stoi)) if sample_interval else []
+    if unknown:
+        fail(f"sample_prompt has characters outside this dataset's vocabulary: {''.join(unknown)!r}; remove them or "
+             f"set another --sample_prompt")
+    encode, decode = (lambda s: [stoi[c] for c in s]), (lambda ids: ''.join(meta['itos'][i] for i in ids))
 elif sample_interval:
     enc = gpt2_encoding()
     encode, decode = enc.encode_ordinary, enc.decode
@@ -190,11 +217,19 @@ def refuse_contradictions(have, source, fix):
             fail(f"--{k}={overrides[k]!r} conflicts with {source}'s {k}={v!r}; {fix}")
 
 
+def check_fits(n_params, n_layer, n_embd, vocab_size):
+    """one line, before anything is allocated or written, when the least memory the run needs exceeds the device's"""
+    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype,
+                                 None if eval_only else optimizer, world_size if fsdp else 1, activation_checkpointing,
+                                 gradient_accumulation_steps + eval_iters), device, 'train.py')
+
+
 torch.manual_seed(seed)  # the same initial weights on every process
 iter_num, best_val_loss = 0, 1e9
 try:
     if init_from == 'scratch':
         vocab_size = meta['vocab_size'] if meta else 50257
+        check_fits(memory.params(n_layer, n_embd, block_size, vocab_size), n_layer, n_embd, vocab_size)  # before building
         print0(f"initializing a new model from scratch, vocab_size {vocab_size}")
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                               vocab_size=vocab_size, dropout=dropout, attn_type=attn_type))
@@ -219,6 +254,7 @@ try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
         refuse_contradictions({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
                               init_from, "a pretrained model's shape is fixed: drop the flag")
+        refuse_non_finite(model.state_dict(), init_from, 'weights')
 except (ValueError, OSError) as e:
     fail(str(e))
 if block_size > model.config.block_size:
@@ -228,6 +264,7 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 model_args = asdict(model.config)
 model.activation_checkpointing = activation_checkpointing
+check_fits(sum(p.numel() for p in model.parameters()), model_args['n_layer'], model_args['n_embd'], model_args['vocab_size'])
 if meta and meta['vocab_size'] != model.config.vocab_size:
     fail(f"dataset vocab ({meta['vocab_size']}) differs from the model's ({model.config.vocab_size}); "
          f"a char-level dataset needs a model trained on it")
@@ -352,9 +389,22 @@ def save_checkpoint(name):
 log_path = os.path.join(out_dir, 'log.jsonl')
 stop = stop_on_signals(rank)  # preemption: checkpoint at the next step, then exit cleanly
 
-# every check has passed: only now are files touched
+# every check has passed: only now are files touched, by one run at a time. Another run writing out_dir stops this
+# one (every process of it); the lock dies with its process, so a killed run never blocks the next
+busy = ''
 if master and not eval_only:
-    os.makedirs(out_dir, exist_ok=True)
+    holder = lock_dir(out_dir)
+    busy = (f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end or stop it, or choose another "
+            f"--out_dir" if holder else taken())  # taken() again: a fresh run may have begun and ended since the check
+if ddp:
+    agreed = [busy]
+    dist.broadcast_object_list(agreed, src=0)
+    if agreed[0]:
+        print0(f"error: {agreed[0]}", file=sys.stderr)
+        leave_processes(2)
+if busy:
+    fail(busy)
+if master and not eval_only:
     trim_log(log_path, iter_num)  # a fresh run (iter 0) starts an empty log
     if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
         os.remove(os.path.join(out_dir, 'ckpt_last.pt'))  # a fresh run (--overwrite): the old stop point is not ours

@@ -109,7 +109,8 @@ def test_train_sample_hellaswag_bench(world):
         (base + ['--backend=nccl'], "backend nccl needs CUDA GPUs"),
         (base + ['--fsdp=True'], "fsdp=True shards the model over several processes"),
         (base + ['--fsdp=True', '--dtype=bfloat16'], "fsdp=True in bfloat16 needs GPUs",
-         {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_WORLD_SIZE': '1'}),  # as torchrun sets them
+         {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+          'MASTER_PORT': '29500'}),  # as torchrun sets them
         # where it writes
         (base + [f'--out_dir={t / "a_file" / "out"}'], "cannot be created or written"),
         (base + [f'--out_dir={t / "a_file"}'], "is a file, not a directory"),

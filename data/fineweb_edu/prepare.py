@@ -174,6 +174,6 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     print(f"done: {state['docs']:,} documents; val.bin {state['tokens']['val']:,} tokens, train.bin {state['tokens']['train']:,} tokens")
     print(f"this run: {new_tokens:,} tokens in {dt:.1f}s ({new_tokens / max(dt, 1e-9):,.0f} tokens/s with num_proc={num_proc})")
     if no_text:
-        print(f"note: {no_text:,} documents had no text (null) and were left out")
+        print(f"note: {no_text:,} document(s) had no text (null) and were left out")
     if state['tokens']['train'] == 0:
         print(f"warning: train.bin is empty: the dataset has no more than val_docs={val_docs} documents")

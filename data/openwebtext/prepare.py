@@ -87,6 +87,6 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     dataprep.stop_pool()
     dataprep.finish_bins(files)
     if no_text:
-        print(f"note: {no_text:,} documents had no text (null) and were left out")
+        print(f"note: {no_text:,} document(s) had no text (null) and were left out")
 
     # to read the bins later: np.memmap(path, dtype=np.uint16, mode='r')

@@ -134,7 +134,7 @@ def rows(path):
             fail(f"{path} is corrupt ({dataprep.one_line(e)})")
         return
     try:
-        with open(path, encoding='utf-8', newline='') as f:
+        with open(path, encoding='utf-8-sig', newline='') as f:  # -sig: a byte-order mark (Excel's CSV) is no text
             if path.lower().endswith('.csv'):
                 csv.field_size_limit(2**31 - 1)  # a document is one field, and the default limit is 128 KiB
                 reader = csv.reader(f)
