@@ -21,6 +21,7 @@ a char-level dataset.
 """
 
 import collections
+import errno
 import json
 import multiprocessing
 import os
@@ -353,6 +354,13 @@ def load_docs(dataset, name=None, streaming=False):
 
 def unreadable(dataset, e):
     """What to tell the user when reading dataset raised e."""
+    cause = e
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                                                    errno.EFBIG)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:  # a full disk while datasets writes its cache: the dataset itself is fine
+        return (f"could not cache '{dataset}' for reading ({files.why(cause)}); free some space (Hugging Face's cache "
+                f"is under HF_HOME, ~/.cache/huggingface by default) and run again")
     if os.path.exists(dataset):
         where = 'it is' if os.path.isfile(dataset) else 'a file in it is'
         return (f"could not read the local dataset {dataset} ({one_line(e)}): {where} corrupt or not in the format "

@@ -207,7 +207,7 @@ try:
                    'iter_num': ckpt.get('iter_num'), 'files': files}, f, indent=1)
 except Exception as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    fail(f"could not write the export to {tmp} ({why(e)}); nothing was replaced")
+    fail(f"could not write the export to {export_dir} ({why(e)}); nothing was replaced")
 
 # swap the finished directory into place. An earlier export is replaced only now, after a second look (the export
 # may have taken a while), and of it only the files its manifest lists are deleted

@@ -90,6 +90,22 @@ def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     return p
 
 
+def full_disk(limit):
+    """python's arguments that run a script (the next argument) as on a disk that fills up: every write taking a file
+    past `limit` bytes fails. RLIMIT_FSIZE makes the kernel refuse it, in any library, as a full disk does (with
+    EFBIG, 'File too large', where a full disk says ENOSPC), and needs neither root nor a mount."""
+    return ['-c', "import os, resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                  f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.argv = sys.argv[1:]; "
+                  "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
+def leftovers(path):
+    """temp files (NAME.tmp, NAME.tmp.<pid>) and unfinished replacements (files.JOURNAL) anywhere under path"""
+    return [os.path.join(d, f) for d, dirs, files in os.walk(path) for f in files + dirs
+            if '.tmp' in f or f == '.commit.json']
+
+
 def snapshot(path):
     """relative name -> sha256 of every file under path (or of path itself), None if it does not exist"""
     import hashlib

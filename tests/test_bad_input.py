@@ -1,9 +1,18 @@
 """The bad-input battery: each mistake a new or careless user makes, run through the real scripts as subprocesses.
 Every case must end with a non-zero exit, exactly one `error: ...` line that names the input and the way out, no
 traceback, and every file that existed before byte-identical after (conftest.run_bad_inputs). The data scripts',
-export.py's, plot.py's and compare_attention.py's own cases live beside their other tests."""
+export.py's, plot.py's and compare_attention.py's own cases live beside their other tests.
+After the general battery, one test per cause of lost or wrong work: a full disk under every writer, two writers on
+one directory, numbers that are not numbers, sizes that cannot fit, flags that would be ignored, and odd but legal
+input."""
+import errno
+import fcntl
+import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -11,8 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_bad_inputs, run_script, snapshot, write_char_dataset
+from conftest import (REPO, full_disk, leftovers, run_bad_inputs, run_script, snapshot, text_corpus,
+                      write_char_dataset)
 from model import GPT, GPTConfig
+from test_data import install
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--gradient_accumulation_steps=1', '--log_interval=1', '--warmup_iters=5', '--learning_rate=1e-2',
@@ -184,12 +195,8 @@ def test_full_disk_leaves_the_previous_checkpoint(world, tmp_path):
     shutil.copytree(t / 'run', tmp_path / 'run')
     before = snapshot(tmp_path / 'run' / 'ckpt.pt')
     limit = os.path.getsize(tmp_path / 'run' / 'ckpt.pt') // 2
-    wrapper = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.argv = sys.argv[1:]; "
-               "runpy.run_path('train.py', run_name='__main__')")
-    p = subprocess.run([sys.executable, '-c', wrapper, 'train.py', '--init_from=resume', f'--out_dir={tmp_path / "run"}',
-                        '--max_iters=8', '--eval_interval=2'], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    p = run_script(*full_disk(limit), 'train.py', '--init_from=resume', f'--out_dir={tmp_path / "run"}',
+                   '--max_iters=8', '--eval_interval=2', check=False)
     err = p.stderr.strip()
     assert p.returncode == 2 and 'Traceback' not in err and len(err.splitlines()) == 1, err
     assert err.startswith('error: could not write') and 'File too large' in err and 'unchanged' in err, err
@@ -198,9 +205,230 @@ def test_full_disk_leaves_the_previous_checkpoint(world, tmp_path):
 
 
 def test_overwrite_replaces_a_run_on_request(world, tmp_path):
+    """--overwrite=True replaces a run; flags that this combination does not use are named once, not dropped silently"""
     t, data = world
     shutil.copytree(t / 'run', tmp_path / 'run')
     old = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['iter_num']
-    run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp_path / "run"}', *TINY, '--max_iters=2',
-               '--eval_interval=2', '--overwrite=True')
+    p = run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp_path / "run"}', *TINY, '--max_iters=2',
+                   '--eval_interval=2', '--overwrite=True', '--compile=False', '--compile_mode=max-autotune',
+                   '--muon_lr=0.05')
     assert old == 6 and torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    notes = [line for line in p.stderr.splitlines() if line.startswith('note: ')]
+    assert notes == ["note: --compile_mode has no effect with compile off",
+                     "note: --muon_lr has no effect with optimizer='adamw'"], p.stderr
+
+
+# ----------------------------------------------------------------------------- a full disk, under every writer
+
+def test_full_disk_under_every_writer_leaves_the_old_files(world, tmp_path):
+    """Each writer on a disk that fills up midway (conftest.full_disk): one line, no temp file left, and the files that
+    were there byte-identical. A dataset is replaced whole or not at all: never new bins beside an old meta.json."""
+    t, data = world
+    ds = tmp_path / 'ds'  # a char dataset that --overwrite=True would replace with another text's
+    shutil.copytree(data, ds)
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text(text_corpus(60_000)[::-1])
+    sc = install(tmp_path / 'sc', 'shakespeare_char')  # its own dataset, from another input.txt
+    write_char_dataset(str(sc), text_corpus(20_000))
+    (sc / 'input.txt').write_text(text_corpus(60_000)[::-1])
+    resumed = tmp_path / 'resumed'  # a run whose resume rewrites its log
+    shutil.copytree(t / 'run', resumed)
+    exp = tmp_path / 'exp'  # a run with an earlier export (export.py may replace it), and a killed export's temp dir
+    os.makedirs(exp / 'hf')
+    shutil.copy(t / 'run' / 'ckpt.pt', exp)
+    (exp / 'hf' / 'config.json').write_text('{}')
+    (exp / 'hf' / 'export_manifest.json').write_text(json.dumps(
+        {'written_by': 'export.py', 'files': {'config.json': hashlib.sha256(b'{}').hexdigest()}}))
+    os.makedirs(exp / 'hf.tmp.999999999')  # beyond any pid: its process is gone
+    quiet = {'TQDM_DISABLE': '1'}  # progress bars (the scripts', transformers') off: stderr is the error line alone
+    cases = [
+        (full_disk(20_000) + ['data/text/prepare.py', f'--input={corpus}', f'--out_dir={ds}', '--overwrite=True',
+                              '--tokenizer=char', '--num_proc=1'], "(File too large); nothing was replaced", quiet),
+        (full_disk(20_000) + [str(sc / 'prepare.py'), '--overwrite=True'],
+         "train.bin (File too large); the files there are unchanged", quiet),
+        (full_disk(os.path.getsize(resumed / 'log.jsonl') // 2) + ['train.py', '--init_from=resume',
+                                                                   f'--out_dir={resumed}', '--max_iters=8'],
+         "log.jsonl (File too large); the files there are unchanged"),
+        (full_disk(600) + ['train.py', f'--data_dir={data}', f'--out_dir={tmp_path / "fresh"}', *TINY],
+         "could not append to"),
+        (full_disk(10_000) + ['export.py', f'--out_dir={exp}'], f"could not write the export to {exp / 'hf'} (", quiet),
+    ]
+    run_bad_inputs(cases, protect=[ds, sc, resumed, exp])
+    assert not leftovers(tmp_path)  # the killed export's hf.tmp.999999999 included
+
+
+def test_a_set_of_files_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """files.write_files, the one writer of sets: a failure on its second file changes nothing; a death between its
+    renames is completed by the next reader (or writer), so the set is never seen half old, half new"""
+    import files
+    d = tmp_path / 'ds'
+    files.write_files(str(d), {'train.bin': b'old train', 'val.bin': b'old val', 'meta.json': b'old meta'})
+    before = snapshot(d)
+
+    def full_disk_on(name):
+        real = open
+
+        def fake(path, *args, **kwargs):
+            if os.path.basename(path).startswith(name + '.tmp.'):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(files, 'open', fake, raising=False)
+    full_disk_on('val.bin')
+    with pytest.raises(OSError, match=r"val.bin \(No space left on device\); the files there are unchanged"):
+        files.write_files(str(d), {'train.bin': b'new train', 'val.bin': b'new val', 'meta.json': None})
+    assert snapshot(d) == before and not leftovers(d)
+    full_disk_on(files.JOURNAL)  # the journal itself cannot be written
+    with pytest.raises(OSError, match='No space left on device'):
+        files.write_files(str(d), {'train.bin': b'new train', 'val.bin': b'new val', 'meta.json': None})
+    assert snapshot(d) == before and not leftovers(d)
+    monkeypatch.undo()
+
+    real_replace, renames = os.replace, []
+
+    def killed_after_one_rename(src, dst):  # the journal's rename, then one file's, then the process is gone
+        if len(renames) == 2:
+            raise SystemExit('killed')
+        renames.append(dst)
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', killed_after_one_rename)
+    with pytest.raises(SystemExit):
+        files.write_files(str(d), {'train.bin': b'new train', 'val.bin': b'new val', 'meta.json': None})
+    monkeypatch.undo()
+    assert (d / files.JOURNAL).exists() and (d / 'train.bin').read_bytes() == b'new train'
+    assert (d / 'val.bin').read_bytes() == b'old val'  # half old, half new: no reader may see this
+    files.finish_pending(str(d))  # what train.py does before it reads a dataset
+    assert sorted(os.listdir(d)) == ['train.bin', 'val.bin'] and (d / 'val.bin').read_bytes() == b'new val'
+
+
+# ----------------------------------------------------------------------------- two writers, one directory
+
+def test_one_writer_per_directory(world, tmp_path):
+    """A second train.py on a run's out_dir is refused in one line while the first runs, every process of it (DDP
+    included), and a dataset folder being written is refused the same way; a killed run's lock dies with it."""
+    t, data = world
+    out, ds = tmp_path / 'out', tmp_path / 'ds'
+    run = ['train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, '--eval_interval=5']
+    procs = []
+    try:
+        first = subprocess.Popen([sys.executable, *run, '--max_iters=100000'], cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        procs.append(first)
+        for line in first.stdout:
+            if line.startswith('saved checkpoint'):  # it has a checkpoint to resume from
+                break
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = str(s.getsockname()[1])
+        ranks = [subprocess.Popen([sys.executable, *run, '--overwrite=True', '--gradient_accumulation_steps=2'], cwd=REPO,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(r), 'LOCAL_RANK': str(r),
+                                       'WORLD_SIZE': '2', 'LOCAL_WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
+                                       'MASTER_PORT': port}) for r in (0, 1)]
+        procs += ranks
+        shutil.copytree(data, ds)
+        held = os.open(ds, os.O_RDONLY)  # this process writes ds, as a prepare script would
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = f"is in use by another run (pid {first.pid}: train.py"
+        run_bad_inputs([([*run, '--overwrite=True'], busy),
+                        (['data/text/prepare.py', f'--input={ds / "meta.json"}', f'--out_dir={ds}', '--overwrite=True',
+                          '--tokenizer=char'], f"is being written by another process (pid {os.getpid()}"),
+                        (['data/fineweb_edu/prepare.py', f'--out_dir={ds}', '--overwrite=True'], "is being written")],
+                       protect=[ds])
+        os.close(held)
+        for r, p in enumerate(ranks):  # both processes of the DDP run stop, rank 0 saying why
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 2 and 'Traceback' not in err, err
+            assert (busy in err and len(err.strip().splitlines()) == 1) if r == 0 else not err.strip(), err
+        assert first.poll() is None  # the first run went on, untouched
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    step = torch.load(out / 'ckpt.pt', weights_only=True)['iter_num']
+    run_script('train.py', '--init_from=resume', f'--out_dir={out}', f'--max_iters={step + 5}')  # not blocked
+    steps = [r['iter'] for r in map(json.loads, open(out / 'log.jsonl')) if r['loss'] is not None]
+    assert steps == list(range(1, step + 6))  # one writer: every step once, in order
+
+
+# ----------------------------------------------------------------------------- numbers that are not numbers
+
+def test_non_finite_numbers_are_refused_where_they_enter(world, tmp_path):
+    """inf and NaN in flags and config files, and in a checkpoint's weights or optimizer state, whatever reads it"""
+    t, data = world
+    for name, where in (('nan_weights', 'model'), ('inf_moments', 'optimizer')):
+        c = torch.load(t / 'run' / 'ckpt.pt', weights_only=True)
+        if where == 'model':
+            c['model']['transformer.h.0.attn.c_attn.weight'][0, 0] = float('nan')
+        else:
+            c['optimizer']['state']['transformer.h.0.mlp.c_fc.weight']['exp_avg_sq'][0, 0] = float('inf')
+        os.makedirs(tmp_path / name)
+        torch.save(c, tmp_path / name / 'ckpt.pt')
+    (tmp_path / 'nan_config.py').write_text("learning_rate = float('nan')\n")
+    new = tmp_path / 'new'
+    base = [f'--data_dir={data}', f'--out_dir={new}', *TINY]
+    nan = f"NaN or inf in its weights (transformer.h.0.attn.c_attn.weight)"
+    cases = [
+        (['train.py', *base, '--learning_rate=1e400'], "config key 'learning_rate' is inf, not a finite number"),
+        (['train.py', *base, '--optimizer=muon', '--muon_lr=1e400'], "config key 'muon_lr' is inf"),
+        (['train.py', str(tmp_path / 'nan_config.py'), *base], "config key 'learning_rate' is nan"),
+        (['train.py', *base, '--min_lr=1' + '0' * 400], "too large for a float"),
+        (['sample.py', f'--out_dir={tmp_path / "nan_weights"}', '--device=cpu'], nan),
+        (['export.py', f'--out_dir={tmp_path / "nan_weights"}', f'--export_dir={new}'], nan),
+        (['train.py', '--init_from=resume', f'--out_dir={tmp_path / "nan_weights"}'], nan),
+        (['train.py', *base, '--init_from=finetune', f'--finetune_from={tmp_path / "nan_weights"}'], nan),
+        (['train.py', '--init_from=resume', f'--out_dir={tmp_path / "inf_moments"}'],
+         "NaN or inf in its optimizer state (transformer.h.0.mlp.c_fc.weight.exp_avg_sq)"),
+    ]
+    run_bad_inputs(cases, protect=[tmp_path / 'nan_weights', tmp_path / 'inf_moments'])
+    assert not new.exists()
+
+
+# ----------------------------------------------------------------------------- sizes that cannot fit
+
+def test_sizes_that_cannot_fit_are_one_line(world):
+    """checked against the machine's memory before anything is allocated or written (a resume's log included); each
+    names the setting to lower. The sizes are far beyond any machine's memory."""
+    t, data = world
+    new = t / 'new_big'
+    base = ['train.py', f'--data_dir={data}', f'--out_dir={new}', *TINY]
+    sample = ['sample.py', f'--out_dir={t / "run"}', '--device=cpu']
+    cases = [
+        (base + ['--n_embd=1048576'], "(the weights and optimizer state: "),
+        (base + ['--batch_size=10000000000'], "lower --batch_size or --block_size"),
+        (base + ['--eval_iters=1000000000000000'], "lower --eval_iters or --gradient_accumulation_steps"),
+        (['train.py', '--init_from=resume', f'--out_dir={t / "run"}', '--batch_size=10000000000'], "lower --batch_size"),
+        (sample + ['--max_new_tokens=1000000000000'], "lower --max_new_tokens or --num_samples"),
+        (sample + ['--num_samples=1000000000'], "(the KV cache: "),
+        (['bench.py', '--mode=sample', '--device=cpu', '--sample_batch=100000000'], "lower --sample_batch"),
+    ]
+    run_bad_inputs(cases, protect=[t / 'run'])
+    assert not new.exists()
+
+
+# ----------------------------------------------------------------------------- odd but legal input
+
+def test_odd_but_legal_input_is_one_line(world, tmp_path):
+    """what a careful user could still type: a launcher's variables half exported, a vocabulary of numbers, a sample
+    prompt with characters the dataset lacks (sample.py refuses them too), a seed beyond 64 bits"""
+    t, data = world
+    ints = tmp_path / 'int_vocab'
+    shutil.copytree(data, ints)
+    meta = json.load(open(ints / 'meta.json'))
+    (ints / 'meta.json').write_text(json.dumps({**meta, 'itos': list(range(meta['vocab_size']))}))
+    new = tmp_path / 'new'
+    base = ['train.py', f'--data_dir={data}', f'--out_dir={new}', *TINY]
+    unset = {k: None for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    cases = [
+        (base, "the launcher's variables are incomplete or inconsistent (RANK=0, WORLD_SIZE=None", {**unset, 'RANK': '0'}),
+        (base, "or unset WORLD_SIZE to train in one process", {**unset, 'WORLD_SIZE': '2'}),
+        (['train.py', f'--data_dir={ints}', *base[2:]], "itos (the character vocabulary, as strings)"),
+        (base + ['--sample_interval=1', '--sample_prompt=caf\u00e9\u20ac'],
+         "sample_prompt has characters outside this dataset's vocabulary"),
+        (['sample.py', f'--out_dir={t / "run"}', '--device=cpu', f'--seed={2 ** 70}'], "seed must be in [0, 2**64)"),
+    ]
+    run_bad_inputs(cases, protect=[t / 'run', ints])
+    assert not new.exists()

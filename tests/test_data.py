@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, SHAKESPEARE, run_bad_inputs, run_script, text_corpus
+from conftest import REPO, SHAKESPEARE, full_disk, leftovers, run_bad_inputs, run_script, text_corpus
 
 EOT = 50256
 
@@ -316,3 +316,37 @@ def test_web_corrupt_local_files(tmp_path, tiktoken_offline):
     msg = error_line(run_script(fw, f'--dataset={docs}', f'--out_dir={tmp_path / "out"}', '--num_proc=1',
                                 '--chunk_docs=4', '--val_docs=2', env=env, check=False))
     assert 'corrupt' in msg and 'network' not in msg and 'rerun the same command to continue' in msg
+
+
+def test_web_null_texts_empty_split_and_full_disk(tmp_path, tiktoken_offline):
+    """The web-scale scripts on a jsonl with null texts (left out, and said so); a val_fraction that would leave
+    train.bin empty (one line); a full disk while each replaces a dataset (one line, the old bins untouched, and only
+    FineWeb-Edu's resumable progress left, for the rerun to continue)."""
+    from concurrent.futures import ThreadPoolExecutor
+    owt, fw = (str(install(tmp_path, name) / 'prepare.py') for name in ('openwebtext', 'fineweb_edu'))
+    docs = make_docs(40)
+    src = tmp_path / 'docs.jsonl'
+    with open(src, 'w') as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({'text': d}) + '\n' + ('{"text": null}\n' if i in (2, 30) else ''))
+    env = {**hf_env(tmp_path), 'TQDM_DISABLE': '1'}
+    runs = {'owt': [owt, '--val_fraction=0.1'], 'fw': [fw, '--val_docs=4']}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runs, pool.map(lambda k: run_script(*runs[k], f'--dataset={src}', f'--out_dir={tmp_path / k}',
+                                                            '--num_proc=1', env=env), runs)))
+    for name, p in done.items():
+        assert 'note: 2 document(s) had no text (null) and were left out' in p.stdout
+    train, val = read_bin(tmp_path / 'owt' / 'train.bin'), read_bin(tmp_path / 'owt' / 'val.bin')
+    assert sorted(decode_docs(train, eot_first=False) + decode_docs(val, eot_first=False)) == sorted(docs)
+    train, val = read_bin(tmp_path / 'fw' / 'train.bin'), read_bin(tmp_path / 'fw' / 'val.bin')
+    assert decode_docs(val, eot_first=True) + decode_docs(train, eot_first=True) == docs
+    bins = [tmp_path / k / f'{s}.bin' for k in runs for s in ('train', 'val')]
+    run_bad_inputs([([owt, f'--dataset={src}', f'--out_dir={tmp_path / "none"}', '--val_fraction=0.99'],
+                     "val_fraction=0.99 of 42 documents leaves none for train.bin", env),
+                    (full_disk(2_000) + [owt, f'--dataset={src}', f'--out_dir={tmp_path / "owt"}', '--overwrite=True',
+                                         '--num_proc=1'], "(File too large); nothing was replaced", env),
+                    (full_disk(2_000) + [fw, f'--dataset={src}', f'--out_dir={tmp_path / "fw"}', '--overwrite=True',
+                                         '--num_proc=1', '--val_docs=4'], "progress.json keeps the work done", env)],
+                   protect=bins)
+    assert not leftovers(tmp_path / 'owt') and not (tmp_path / 'none').exists()
+    assert sorted(leftovers(tmp_path / 'fw')) == [str(tmp_path / 'fw' / f'{s}.bin.tmp') for s in ('train', 'val')]

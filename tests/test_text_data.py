@@ -179,7 +179,7 @@ def test_tables(tmp_path, text, tiktoken_offline):
         f.writelines(json.dumps(r) + '\n' for r in rows[:4])
     pq.write_table(pa.Table.from_pylist(rows[4:7]), tables / 'b.parquet')
     import csv
-    with open(tables / 'c.csv', 'w', newline='') as f:
+    with open(tables / 'c.csv', 'w', newline='', encoding='utf-8-sig') as f:  # as Excel saves it: a BOM, then the header
         w = csv.DictWriter(f, fieldnames=['id', 'body'])
         w.writeheader()
         w.writerows(rows[7:])
