@@ -282,7 +282,8 @@ def checkpoint(state, bins, path):
     # the bins reach the disk before the record that counts them, so the record never claims more than is there
     try:
         sync(bins)
-        files.write_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): json.dumps(state, indent=1).encode()})
+        folder, name = os.path.split(os.path.abspath(path))
+        files.write_files(folder, {name: json.dumps(state, indent=1).encode()})
     except OSError as e:
         write_failed(e, os.path.dirname(os.path.abspath(path)))
 

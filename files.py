@@ -1,7 +1,8 @@
 """
 Files written so that a crash, a kill or a full disk never leaves a file half-written or a set of files that do not
 belong together (a dataset's bins and meta.json, a run's log), and so that one process at a time writes a directory.
-Every writer of the repo goes through here; a checkpoint, one file, through runtime.save_atomic.
+train.py, the prepare scripts (dataprep.py) and export.py write through here; a checkpoint, one file, through
+runtime.save_atomic.
 
     lock_dir(folder)             make this process the one writer of folder until it exits: '' or who holds it now
     write_files(folder, {name: bytes or None})   replace a set of files together or not at all (None removes a name)
@@ -26,6 +27,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 
 JOURNAL = '.commit.json'
 held = {}  # real path -> open descriptor of each directory this process has locked (closing it would unlock)
@@ -76,7 +79,8 @@ def write_files(folder, contents):
         for tmp in temps.values():
             if tmp:
                 remove(os.path.join(folder, tmp))
-        raise OSError(f"could not write {os.path.join(folder, name)} ({why(e)}); the files there are unchanged") from None
+        raise OSError(f"could not write {os.path.join(folder, name)} ({why(e)}); the files there are "
+                      f"unchanged") from None
 
 
 def commit(folder, temps):
@@ -173,7 +177,7 @@ def lock_dir(folder):
         os.close(fd)
         return holder(folder)
     except OSError as e:  # a filesystem without locks (some network mounts): write unlocked, but say so
-        print(f"note: {folder} cannot be locked ({why(e)}); make sure no other process writes it")
+        print(f"note: {folder} cannot be locked ({why(e)}); make sure no other process writes it", file=sys.stderr)
     held[key] = fd
     recover(folder)
     return ''
@@ -181,15 +185,25 @@ def lock_dir(folder):
 
 def finish_pending(folder):
     """For a reader of a set of files (a dataset): complete a replacement in folder that a killed writer left half
-    done. A live writer holds the lock only moments longer while it finishes its own."""
-    if not os.path.exists(os.path.join(folder, JOURNAL)):
+    done (the lock is free), or wait the moment a live writer (it holds the lock) takes to complete its own."""
+    journal = os.path.join(folder, JOURNAL)
+    if not os.path.exists(journal):
         return
     if os.path.realpath(folder) in held:
         return recover(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.path.exists(os.path.join(folder, JOURNAL)):
-            finish(folder)
+        for _ in range(100):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not os.path.exists(journal):
+                    return
+                time.sleep(0.05)
+                continue
+            if os.path.exists(journal):
+                finish(folder)
+            return
     finally:
         os.close(fd)
+    raise OSError(f"its writer ({holder(folder)}) has not finished replacing it")

@@ -41,12 +41,14 @@ def params(n_layer, n_embd, block_size, vocab_size):
 
 
 def training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype, optimizer='adamw', shards=1,
-             activation_checkpointing=False, batches=1):
-    """What one training process holds at least: float32 weights, gradients and optimizer state (AdamW: two moments,
-    Muon: one momentum; optimizer None: evaluation only, the weights alone), divided over shards under FSDP; a
-    micro-batch's logits, kept in float32 for the loss, and its activations (the input of every block, and more kept
-    per block unless activation checkpointing); `batches` micro-batches' start offsets, drawn at once."""
-    state = 4 * n_params * {'adamw': 4, 'muon': 3, None: 1}[optimizer] // shards
+             activation_checkpointing=False, batches=1, trainable=None):
+    """What one training process holds at least: float32 weights, and for the trainable ones (all by default)
+    gradients and optimizer state (AdamW: two moments, Muon: one momentum; optimizer None: evaluation only, the
+    weights alone), divided over shards under FSDP; a micro-batch's logits, kept in float32 for the loss, and its
+    activations (the input of every block, and more kept per block unless activation checkpointing); `batches`
+    micro-batches' start offsets, drawn at once."""
+    trainable = n_params if trainable is None else trainable
+    state = 4 * (n_params + trainable * {'adamw': 3, 'muon': 2, None: 0}[optimizer]) // shards
     elem = 4 if dtype == 'float32' else 2
     per_block = 0 if optimizer is None else 1 if activation_checkpointing else 8
     acts = batch_size * block_size * ((vocab_size + 63) // 64 * 64 * 4 + max(n_layer * per_block, 1) * n_embd * elem)

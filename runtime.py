@@ -271,7 +271,8 @@ def model_from_checkpoint(ckpt, override_args=None, source='the checkpoint'):
 def refuse_non_finite(tensors, source, what):
     """weights (or optimizer state) holding NaN or inf are refused where they are loaded: sampled they give empty
     text, trained they give NaN, and neither says why"""
-    bad = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in tensors.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         fail(f"{source}: NaN or inf in its {what} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
              f"so it cannot be used; take an earlier checkpoint (a run keeps ckpt_<step>.pt with --checkpoint_interval)")

@@ -331,7 +331,7 @@ if __name__ == '__main__':  # the tokenizing processes may re-import this file; 
     except Exception as e:  # the first pass read every file: most likely one changed or vanished since
         fail(f"tokenizing failed ({dataprep.one_line(e)}); nothing was written to {out}")
     dataprep.stop_pool()
-    dataprep.finish_bins(bins, chars if tokenizer == 'char' else None)  # a BPE dataset replacing a char one loses meta.json
+    dataprep.finish_bins(bins, chars if tokenizer == 'char' else None)  # BPE replacing char: meta.json goes
     print(f"train.bin {tokens['train']:,} tokens, val.bin {tokens['val']:,} tokens in {out}")
     if 'out_dir' not in overridden:
         print(f"train on it: python train.py --dataset={name} (see the top of {os.path.relpath(__file__)})")
