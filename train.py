@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import memory
-from configurator import configure, fail, unused, writable_dir
+from configurator import configure, fail, sources, unused, writable_dir
 from dataprep import gpt2_encoding
 from files import lock_dir
 from model import GPT, GPTConfig
@@ -99,6 +99,20 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 overrides = configure(globals())
+flags = {k for k in overrides if sources[k].startswith('--')}  # typed on the command line; the rest came from config files
+
+
+def give_way(keys, to):
+    """one note naming the config-file values that the checkpoint or pretrained weights overrule (flags are refused)"""
+    by_file = {}
+    for k in keys:
+        if k in overrides and k not in flags:
+            by_file.setdefault(sources[k], []).append(f"{k}={overrides[k]!r}")
+    if by_file:
+        said = '; '.join(', '.join(kv) + ' from ' + f for f, kv in by_file.items())
+        print0(f"note: {said} {'give' if sum(map(len, by_file.values())) > 1 else 'gives'} way to {to}", file=sys.stderr)
+
+
 memory.explain_oom("--batch_size or --block_size, or set --activation_checkpointing=True (or train a smaller model)")
 ckpt, ckpt_path = None, None
 if init_from == 'resume':  # continue with the run's own settings, except those given again here
@@ -109,9 +123,11 @@ if init_from == 'resume':  # continue with the run's own settings, except those 
     if missing:
         fail(f"{ckpt_path} cannot be resumed (it has no {missing[0]}); start from its weights with "
              f"--init_from=finetune --finetune_from={out_dir} and a new --out_dir")
-    for k, v in ckpt['config'].items():
-        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir', 'fsdp', 'overwrite'):
-            globals()[k] = v
+    own = ('init_from', 'out_dir', 'fsdp', 'overwrite', 'eval_only')  # this command's choices, never the run's
+    taken = {k: v for k, v in ckpt['config'].items() if k in config_keys and k not in flags and k not in own}
+    give_way([k for k, v in taken.items() if globals()[k] != v],
+             "the checkpoint's (a resume continues its own run; a --key=value flag changes a setting)")
+    globals().update(taken)
 config = {k: globals()[k] for k in config_keys}  # everything this run was configured with, for the checkpoint
 
 # -- check the settings before anything is started or written -------------------
@@ -210,11 +226,16 @@ elif sample_interval:
     encode, decode = enc.encode_ordinary, enc.decode
 
 # -- the model -----------------------------------------------------------------
-def refuse_contradictions(have, source, fix):
-    """a flag given here that contradicts the weights being loaded is a mistake, not a request: one line"""
-    for k, v in have.items():
-        if k in overrides and overrides[k] != v:
-            fail(f"--{k}={overrides[k]!r} conflicts with {source}'s {k}={v!r}; {fix}")
+def take_shape(have, source, fix):
+    """the weights being loaded fix these settings: a value from a config file (or a default) gives way, with a
+    note; a flag typed on the command line that contradicts them is a mistake, not a request: one line"""
+    differ = [k for k, v in have.items() if globals()[k] != v]
+    for k in differ:
+        if k in flags:
+            fail(f"{sources[k]} on the command line conflicts with {source}'s {k}={have[k]!r}; {fix}")
+    give_way(differ, f"{source}'s")
+    globals().update(have)
+    config.update(have)
 
 
 def check_fits(n_params, n_layer, n_embd, vocab_size):
@@ -243,8 +264,8 @@ try:
         if init_from == 'resume':
             same.update(attn_type=args['attn_type'], block_size=args['block_size'],
                         optimizer=ckpt['config'].get('optimizer', 'adamw'))
-        refuse_contradictions(same, 'the checkpoint', "drop the flag, or start a new run with init_from='finetune' "
-                                                      "and a new out_dir")
+        take_shape(same, 'the checkpoint', "drop the flag, or start a new run with init_from='finetune' and a new "
+                                           "out_dir" if init_from == 'resume' else "drop the flag")
         model = model_from_checkpoint(ckpt, {'dropout': dropout, 'attn_type': attn_type if 'attn_type' in overrides
                                              else args['attn_type']}, ckpt_path)
         if init_from == 'resume':
@@ -252,11 +273,15 @@ try:
     else:
         print0(f"initializing from OpenAI GPT-2 weights: {init_from}")
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
-        refuse_contradictions({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
-                              init_from, "a pretrained model's shape is fixed: drop the flag")
+        take_shape({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
+                   init_from, "a pretrained model's shape is fixed: drop the flag")
         refuse_non_finite(model.state_dict(), init_from, 'weights')
 except (ValueError, OSError) as e:
     fail(str(e))
+if block_size > model.config.block_size and 'block_size' not in flags:  # a config file's (or the default) context
+    give_way(['block_size'], f"the model's block_size={model.config.block_size}")
+    block_size = config['block_size'] = model.config.block_size
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}; use --block_size<="
          f"{model.config.block_size}")
