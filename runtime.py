@@ -73,13 +73,13 @@ def choose_device(requested, local_rank=0, local_world_size=None, world_size=1, 
             raise ValueError(f"--device={requested} would put every process of this node on one GPU; under torchrun "
                              f"or srun use --device=cuda and each process takes the GPU of its local rank")
         return device
-    if world_size == 1:
+    if world_size == 1 or n_cuda == 1:
+        # one GPU visible to a process of several: srun --gpus-per-task=1 shows each task only its own, whatever the
+        # number of tasks on the node (LOCAL_WORLD_SIZE), so it is this process's GPU
         return torch.device('cuda', 0)
     if local_world_size is not None and local_world_size > n_cuda:
         raise ValueError(f"{local_world_size} processes on this node but only {n_cuda} GPU(s) visible; start at most "
                          f"{n_cuda} (--nproc_per_node={n_cuda})")
-    if n_cuda == 1:  # srun --gpus-per-task=1 (or one process per node): each process sees only its own GPU
-        return torch.device('cuda', 0)
     if local_rank >= n_cuda:
         raise ValueError(f"local rank {local_rank} but only {n_cuda} GPU(s) visible; start at most {n_cuda} "
                          f"processes per node")

@@ -1,6 +1,8 @@
 """The hardware decisions of runtime.py as decision tables over every case a user meets (one GPU, torchrun on
 8 GPUs, two nodes, srun with one GPU per task, explicit cuda:N, V100 / T4 / A100 / H100, MPS, CPU), and the thin
 wrappers that read the facts off the machine, with CUDA's queries faked so the GPU lines run here."""
+import os
+
 import pytest
 import torch
 
@@ -31,7 +33,8 @@ DEVICE_CASES = [
     (('cuda', 4, 8, 16, 8, False), cuda(4)),
     # srun with --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (local ranks 0..7)
     *[(('auto', r, None, 8, 1, False), cuda(0)) for r in (0, 1, 7)],
-    *[(('auto', r, 8, 16, 1, False), 'only 1 GPU(s) visible') for r in (0,)],  # torchrun 8 procs, 1 GPU
+    # the same with LOCAL_WORLD_SIZE=8 from SLURM_NTASKS_PER_NODE (srun --ntasks-per-node=8 --gpus-per-task=1)
+    *[((req, r, 8, 16, 1, False), cuda(0)) for req in ('auto', 'cuda') for r in (0, 3, 7)],
     # srun with all 8 GPUs visible to every task (no LOCAL_WORLD_SIZE): the local rank picks
     (('cuda', 3, None, 8, 8, False), cuda(3)),
     (('cuda', 3, None, 8, 2, False), 'local rank 3 but only 2 GPU(s)'),
@@ -125,6 +128,24 @@ def test_pick_device_wires_the_launcher_and_makes_the_gpu_current(monkeypatch):
     assert current == [cuda(3), 'high']
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')  # one process per node may name its GPU
     assert runtime.pick_device('cuda:5') == cuda(5)
+
+
+@pytest.mark.parametrize('localid', ['0', '5', '7'])
+def test_slurm_one_gpu_per_task_takes_its_gpu(monkeypatch, localid):
+    """srun --ntasks-per-node=8 --gpus-per-task=1 python train.py: srun's variables mapped by slurm_as_torchrun
+    (LOCAL_WORLD_SIZE=8) and one visible GPU per task: every task takes that GPU"""
+    current = []
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: current.append(d))
+    monkeypatch.setattr(torch, 'set_float32_matmul_precision', lambda p: None)
+    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in dict(SLURM_NTASKS='16', SLURM_NTASKS_PER_NODE='8', SLURM_PROCID=str(8 + int(localid)),
+                     SLURM_LOCALID=localid, MASTER_ADDR='node1', MASTER_PORT='29500').items():
+        monkeypatch.setenv(k, v)
+    runtime.slurm_as_torchrun()
+    assert (os.environ['LOCAL_WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('8', localid)
+    assert runtime.pick_device('auto') == cuda(0) and current == [cuda(0)]
 
 
 def test_bf16_check_excludes_emulation(monkeypatch):
