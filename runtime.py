@@ -31,14 +31,32 @@ if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
     fail(f"this repo needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}; "
          f"pip install -U torch (on a CPU-only machine: pip install torch==2.13.0)")
 
-# dense tensor-core peaks by GPU name: (bf16, fp16, tf32 / fp32) FLOP/s, None where the GPU has no such unit.
-# First match wins, so the PCIe / NVL H100s come before the SXM one and L40S before L4. GeForce figures are
-# with float32 accumulation, which is what PyTorch's matmuls use.
-PEAK_FLOPS = {'B200': (2250e12, 2250e12, 1100e12), 'H200': (989e12, 989e12, 494e12),
-              'H100 PCIe': (756e12, 756e12, 378e12), 'H100 NVL': (835e12, 835e12, 418e12),
-              'H100': (989e12, 989e12, 494e12), 'A100': (312e12, 312e12, 156e12), 'L40S': (362e12, 362e12, 183e12),
-              'L4': (121e12, 121e12, 60e12), 'RTX 4090': (165e12, 165e12, 82.6e12),
-              'RTX 3090': (71e12, 71e12, 35.6e12), 'V100': (None, 125e12, 15.7e12), 'T4': (None, 65e12, 8.1e12)}
+# dense (not 2:4 sparse) tensor-core peaks, (bf16, fp16, tf32 / fp32) FLOP/s, None where the GPU has no such unit, from
+# NVIDIA's data sheets (B200: the HGX B200 sheet, per GPU; H100 / H200: the Hopper sheets; A100, A10, A40, L4, L40,
+# L40S, RTX A6000: each its own; GeForce: the GA102 and Ada whitepapers, with float32 accumulation, which PyTorch's
+# matmuls use; V100, T4: no bf16, and float32 without TF32). Keyed by the exact name torch.cuda.get_device_name gives:
+# a substring would give an "NVIDIA L40S" the L4's peak. A GPU not named here (the A10G: no NVIDIA data sheet) shows
+# MFU n/a, never a wrong figure.
+PEAK_FLOPS = {name: peaks for names, peaks in (
+    (('NVIDIA B200',), (2250e12, 2250e12, 1100e12)),
+    (('NVIDIA H100 80GB HBM3', 'NVIDIA H100', 'NVIDIA H100 SXM5 80GB', 'NVIDIA H200', 'NVIDIA H200 141GB HBM3e',
+      'NVIDIA GH200 480GB', 'NVIDIA GH200 144G HBM3e'), (989e12, 989e12, 494e12)),
+    (('NVIDIA H100 PCIe',), (756e12, 756e12, 378e12)),
+    (('NVIDIA H100 NVL', 'NVIDIA H200 NVL'), (835e12, 835e12, 418e12)),
+    (('NVIDIA A100-SXM4-40GB', 'NVIDIA A100-SXM4-80GB', 'NVIDIA A100-PCIE-40GB', 'NVIDIA A100 80GB PCIe',
+      'NVIDIA A100-SXM-80GB'), (312e12, 312e12, 156e12)),
+    (('NVIDIA L4',), (121e12, 121e12, 60e12)),
+    (('NVIDIA L40',), (181e12, 181e12, 90.5e12)),
+    (('NVIDIA L40S',), (362e12, 362e12, 183e12)),
+    (('NVIDIA A10',), (125e12, 125e12, 62.5e12)),
+    (('NVIDIA A40',), (149.7e12, 149.7e12, 74.8e12)),
+    (('NVIDIA RTX A6000',), (154.8e12, 154.8e12, 77.4e12)),
+    (('NVIDIA GeForce RTX 4090',), (165.2e12, 165.2e12, 82.6e12)),
+    (('NVIDIA GeForce RTX 3090',), (71e12, 71e12, 35.6e12)),
+    (('Tesla V100-SXM2-16GB', 'Tesla V100-SXM2-32GB'), (None, 125e12, 15.7e12)),
+    (('Tesla V100-PCIE-16GB', 'Tesla V100-PCIE-32GB'), (None, 112e12, 14e12)),
+    (('Tesla V100S-PCIE-32GB',), (None, 130e12, 16.4e12)),
+    (('Tesla T4',), (None, 65e12, 8.1e12))) for name in names}
 
 
 # -- the decisions (pure: every hardware case is a test on a CPU) -----------------------------------------
@@ -131,7 +149,7 @@ def peak_flops(gpu_name, dtype):
     if not gpu_name:
         return None
     column = {'bfloat16': 0, 'float16': 1, 'float32': 2}[dtype]
-    return next((peaks[column] for name, peaks in PEAK_FLOPS.items() if name in gpu_name), None)
+    return PEAK_FLOPS.get(gpu_name.strip(), (None,) * 3)[column]
 
 
 # -- reading the facts off this machine -----------------------------------------------------------------

@@ -109,8 +109,19 @@ def test_choose_compile(args, want):
     ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312e12), ('NVIDIA A100 80GB PCIe', 'float16', 312e12),
     ('NVIDIA L40S', 'bfloat16', 362e12), ('NVIDIA L4', 'bfloat16', 121e12),
     ('Tesla V100-SXM2-16GB', 'float16', 125e12), ('Tesla V100-SXM2-16GB', 'bfloat16', None),  # no bf16 units
-    ('Tesla T4', 'float16', 65e12), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165e12),
+    ('Tesla T4', 'float16', 65e12), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165.2e12),
     ('NVIDIA GeForce GTX 1080', 'bfloat16', None), (None, 'float32', None),  # unknown GPU, CPU: MFU not shown
+    # names that contain another's: each its own data sheet, never the first substring's
+    ('NVIDIA L40', 'bfloat16', 181e12), ('NVIDIA L40S', 'float32', 183e12), ('NVIDIA L4', 'float32', 60e12),
+    ('NVIDIA A10', 'bfloat16', 125e12), ('NVIDIA A40', 'bfloat16', 149.7e12), ('NVIDIA RTX A6000', 'bfloat16', 154.8e12),
+    ('NVIDIA H200 NVL', 'bfloat16', 835e12), ('NVIDIA H100 NVL', 'float32', 418e12), ('NVIDIA H100 PCIe', 'float32', 378e12),
+    ('NVIDIA A100-SXM4-40GB', 'float32', 156e12), ('NVIDIA A100-PCIE-40GB', 'bfloat16', 312e12),
+    ('NVIDIA GeForce RTX 3090', 'bfloat16', 71e12), ('Tesla V100-PCIE-32GB', 'float16', 112e12),
+    ('Tesla V100S-PCIE-32GB', 'float32', 16.4e12),
+    # no data sheet, or a cut-down or different chip whose name contains a known one: n/a
+    ('NVIDIA A10G', 'bfloat16', None), ('NVIDIA GeForce RTX 4090 D', 'bfloat16', None),
+    ('NVIDIA GeForce RTX 3090 Ti', 'bfloat16', None), ('NVIDIA L4 Tensor Core GPU', 'bfloat16', None),
+    ('NVIDIA A100X', 'bfloat16', None), ('NVIDIA H800', 'bfloat16', None),
 ])
 def test_peak_flops(name, dtype, want):
     assert peak_flops(name, dtype) == want
