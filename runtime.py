@@ -488,15 +488,22 @@ def load_optimizer_state(model, optimizers, state, sharded, path):
 
 
 def step_optimizers(optimizers, scaler, finite):
-    """apply the step unless the loss or gradients were not finite: the GradScaler skips such steps itself (float16),
-    fused AdamW on the device (no host sync); otherwise one sync decides"""
-    if scaler.is_enabled():
+    """apply the step unless the loss or gradients were not finite (`finite`, a tensor on the device), the gradients
+    already unscaled (scaler.unscale_). Optimizers that read found_inf (fused AdamW, muon.Muon) skip it on the device
+    with no host sync, all of them together: with two, the GradScaler's per-optimizer check would step the one whose
+    own gradients were finite, after clipping by a NaN norm had made them NaN. Otherwise (unfused AdamW) the GradScaler
+    skips it (float16), or one sync decides."""
+    if all(getattr(opt, '_step_supports_amp_scaling', False) for opt in optimizers):
+        for opt in optimizers:
+            opt.found_inf = (~finite).float()
+            opt.step()
+            del opt.found_inf  # as the GradScaler does: a later step() taken elsewhere is not skipped by this one's
+        if scaler.is_enabled():
+            scaler.update()  # from the inf checks unscale_ recorded: the scale backs off after an overflow
+    elif scaler.is_enabled():
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
-    elif len(optimizers) == 1 and optimizers[0].defaults.get('fused'):
-        optimizers[0].found_inf = (~finite).float()
-        optimizers[0].step()
     elif finite.item():
         for opt in optimizers:
             opt.step()
