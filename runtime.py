@@ -487,6 +487,17 @@ def load_optimizer_state(model, optimizers, state, sharded, path):
         set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=sharded))
 
 
+def unscale(scaler, optimizers):
+    """scaler.unscale_ for each optimizer, before clipping. Under FSDP in float16, torch's ShardedGradScaler hands its
+    found_inf, shaped (1,), to the unscale kernel with the DTensor gradients, and DTensor warns on every step that it
+    takes it as replicated. That is right (each process checks its own shards, then the scaler sums found_inf over the
+    processes), so that one warning is dropped here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Found a non-scalar tensor with numel=1 and ndim!=0')
+        for opt in optimizers:
+            scaler.unscale_(opt)
+
+
 def step_optimizers(optimizers, scaler, finite):
     """apply the step unless the loss or gradients were not finite (`finite`, a tensor on the device), the gradients
     already unscaled (scaler.unscale_). Optimizers that read found_inf (fused AdamW, muon.Muon) skip it on the device

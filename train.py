@@ -31,7 +31,7 @@ from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
                      read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
-                     stop_on_signals, sync, trim_log)
+                     stop_on_signals, sync, trim_log, unscale)
 from runtime import check_launcher, refuse_non_finite
 
 # -----------------------------------------------------------------------------
@@ -290,9 +290,8 @@ ctx = autocast(device_type, dtype)
 peak = device_peak_flops(device, dtype)  # for MFU: None on CPU and unknown GPUs
 
 # -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
-# (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 uses the unfused one)
+# (fused AdamW everywhere, FSDP in float16 included: step_optimizers hands it its found_inf, not the sharded scaler)
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                            fused=False if fsdp and dtype == 'float16' else None,
                                             muon_lr=muon_lr if optimizer == 'muon' else None, muon_momentum=muon_momentum)
 scaler = grad_scaler(device_type, dtype, sharded=fsdp)
 if init_from == 'resume':
@@ -481,8 +480,7 @@ while True:
                 X, Y = get_batch('train', batches[micro_step + 1])  # prefetch while the device computes
             scaler.scale(loss).backward()
         local_loss += loss.detach().float()
-    for opt in optimizers:
-        scaler.unscale_(opt)
+    unscale(scaler, optimizers)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     if fsdp:
         grad_norm = grad_norm.full_tensor()  # a replicated DTensor: the norm over all shards, the same everywhere

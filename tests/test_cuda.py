@@ -74,6 +74,18 @@ def test_fsdp_and_ddp_train_alike_in_bf16(data, tmp_path):
         assert fsdp[k] == pytest.approx(ddp[k], rel=5e-3, abs=5e-3), (k, fsdp[k], ddp[k])
 
 
+def test_fsdp_float16_is_silent_and_learns(data, tmp_path):
+    """FSDP in float16 (several V100s): the sharded GradScaler with DTensor gradients and fused AdamW learns, warns
+    about nothing, and trains as DDP in float16 does"""
+    flags = ['--compile=False', '--dtype=float16']
+    p = train(data, tmp_path / 'fsdp', *flags, '--fsdp=True', torchrun=1)
+    assert learns(p.stdout) and 'dtype float16' in p.stdout, p.stdout[-2000:]
+    assert 'Warning' not in p.stderr, p.stderr[-2000:]
+    ddp = losses(train(data, tmp_path / 'ddp', *flags, torchrun=1).stdout)
+    for k, v in losses(p.stdout).items():
+        assert v == pytest.approx(ddp[k], rel=1e-2, abs=1e-2), (k, v, ddp[k])
+
+
 def test_compile_on_and_off_agree_in_bf16(data, tmp_path):
     a = losses(train(data, tmp_path / 'c', '--compile=True').stdout)
     b = losses(train(data, tmp_path / 'e', '--compile=False').stdout)

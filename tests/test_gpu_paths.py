@@ -66,3 +66,58 @@ def test_muon_and_adamw_skip_non_finite_steps_without_a_host_sync(monkeypatch, d
     assert not hasattr(optimizers[1], 'found_inf')
     if dtype == 'float16':  # the overflow backed the loss scale off once
         assert scaler.get_scale() == 2.0 ** 15
+
+
+FSDP_FLOAT16 = r'''
+import os, sys, warnings
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist
+from model import GPT, GPTConfig
+from runtime import fsdp_shard, grad_scaler, step_optimizers, unscale
+warnings.simplefilter('error')  # any warning fails the run
+dist.init_process_group('gloo')
+losses, norms = [], []
+for sharded in (False, True):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
+    if sharded:
+        fsdp_shard(model, 'cpu', 'float32', 1)  # as train.py shards (float16 weights need a GPU)
+    optimizers = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    scaler = grad_scaler('cpu', 'float16', sharded=sharded)
+    x = torch.randint(0, 65, (4, 32), generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        loss = model(x, x)[1]
+        scaler.scale(loss).backward()
+        if step == 1:  # an overflow in one shard
+            g = model.transformer.h[1].mlp.c_fc.weight.grad
+            (g.to_local() if sharded else g).view(-1)[0] = float('inf')
+        unscale(scaler, optimizers)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = norm.full_tensor() if sharded else norm
+        step_optimizers(optimizers, scaler, torch.isfinite(norm) & torch.isfinite(loss.detach()))
+        losses.append(loss.item())
+    norms.append(scaler.get_scale())
+print('LOSSES', (losses[:4], losses[4:]))
+print('SCALES', norms)
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+def test_fsdp_float16_loss_scaling_is_silent_and_skips_overflows():
+    """FSDP in float16 (V100s): the sharded GradScaler with DTensor gradients and fused AdamW warns about nothing
+    (every warning an error), skips the step with an overflow in one shard and backs the scale off, and trains as the
+    unsharded model with a plain GradScaler does"""
+    import socket
+    from conftest import run_script
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    p = run_script('-c', FSDP_FLOAT16, env=dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                                                 MASTER_PORT=str(port)))
+    lines = {l.split()[0]: eval(l.split(' ', 1)[1]) for l in p.stdout.splitlines() if l[:6] in ('LOSSES', 'SCALES')}
+    plain, sharded = lines['LOSSES']
+    assert plain[1] == plain[2] and sharded[1] == sharded[2]  # the overflow step moved nothing
+    assert plain[3] < plain[2] - 0.01  # the others learn
+    assert sharded == pytest.approx(plain, abs=1e-5) and lines['SCALES'] == [2.0 ** 15] * 2
