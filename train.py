@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import autobatch
 import memory
 from configurator import configure, fail, unused, writable_dir
 from dataprep import gpt2_encoding
@@ -63,6 +64,7 @@ dataset = 'openwebtext'
 data_dir = ''  # where train.bin / val.bin / meta.json live (default: data/<dataset> in this repo)
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, across all processes
 batch_size = 12  # micro-batch size per process
+auto_batch = False  # find the largest micro-batch that fits by trial steps; micro-steps set so tokens per step stay
 block_size = 1024
 # model
 n_layer = 12
@@ -135,6 +137,9 @@ if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autot
          f"max-autotune-no-cudagraphs")
 if optimizer not in ('adamw', 'muon'):
     fail(f"unknown optimizer '{optimizer}'; use adamw or muon")
+if auto_batch and fsdp:
+    fail("auto_batch=True finds the micro-batch by trial steps on each process's whole model, and FSDP shards it over "
+         "the processes: set --batch_size with --fsdp=True")
 if optimizer == 'muon' and fsdp:
     fail("optimizer='muon' orthogonalises each weight matrix's update, which needs the whole matrix, and FSDP shards "
          "them: train with DDP (drop --fsdp) or use --optimizer=adamw")
@@ -175,7 +180,8 @@ for keys, off, why in ((('compile_mode',), not compile, 'with compile off'),
                        (('sample_prompt', 'sample_tokens', 'num_samples'), not sample_interval, 'with sample_interval=0'),
                        (('hellaswag_limit', 'hellaswag_dir'), not hellaswag_interval, 'with hellaswag_interval=0'),
                        (('wandb_project', 'wandb_run_name'), not wandb_log, 'with wandb_log=False'),
-                       (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)')):
+                       (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)'),
+                       (('auto_batch',), eval_only, 'with eval_only=True')):
     if off:
         unused(keys, why)
 if fsdp and device_type == 'cpu' and dtype != 'float32':  # its blocks' float32 stream meets bf16 LayerNorm weights
@@ -219,9 +225,9 @@ def refuse_contradictions(have, source, fix):
 
 def check_fits(n_params, n_layer, n_embd, vocab_size):
     """one line, before anything is allocated or written, when the least memory the run needs exceeds the device's"""
-    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype,
-                                 None if eval_only else optimizer, world_size if fsdp else 1, activation_checkpointing,
-                                 gradient_accumulation_steps + eval_iters), device, 'train.py')
+    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, 1 if auto_batch else batch_size,
+                                 dtype, None if eval_only else optimizer, world_size if fsdp else 1,
+                                 activation_checkpointing, gradient_accumulation_steps + eval_iters), device, 'train.py')
 
 
 torch.manual_seed(seed)  # the same initial weights on every process
@@ -278,6 +284,26 @@ model.to(device)
 # -- processes talk; the model is sharded (FSDP), compiled and wrapped (DDP), in that order ---------------
 if ddp:  # device_id binds the group to this process's GPU (and connects NCCL at once)
     dist.init_process_group(backend, device_id=device if device_type == 'cuda' else None)
+if auto_batch and not eval_only:  # before compile and DDP: trials run eager, each process on its own GPU
+    n_params = sum(p.numel() for p in model.parameters())
+    per_seq = memory.training(n_params, model_args['n_layer'], model_args['n_embd'], block_size,
+                              model_args['vocab_size'], 1, dtype, optimizer, 1, activation_checkpointing)
+    per_seq = per_seq['one micro-batch'][0]  # off CUDA, trials stay below half the memory: no kernel OOM kill
+    # held aside during trials: AdamW's two moments (Muon's one momentum is less), DDP's gradient buckets
+    batch_size = autobatch.choose(model, accum_local * batch_size, block_size, model_args['vocab_size'], device,
+                                  autocast(device_type, dtype), (8 + 4 * ddp) * n_params, ddp=ddp, log=print0,
+                                  limit=None if device_type == 'cuda' else memory.device_memory(device) // (2 * per_seq))
+    if not batch_size:
+        print0(f"error: auto_batch=True: not even one sequence of block_size {block_size} fits this device's memory "
+               f"beside the optimizer state; lower --block_size, set --activation_checkpointing=True, or train a "
+               f"smaller model", file=sys.stderr)
+        if ddp:
+            leave_processes(2)
+        sys.exit(2)
+    accum_local = tokens_per_iter // (world_size * batch_size * block_size)
+    gradient_accumulation_steps = accum_local * world_size
+    # a resumed run keeps this micro-batch (its batches, hence exact resume, depend on it)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, auto_batch=False)
 raw_model = model  # the GPT itself (sharded under FSDP), whatever compile and DDP wrap around it below
 if fsdp:
     fsdp_shard(model, device_type, dtype, world_size, compile_mode if compile else None)

@@ -113,8 +113,9 @@ def test_choose_compile(args, want):
     ('NVIDIA GeForce GTX 1080', 'bfloat16', None), (None, 'float32', None),  # unknown GPU, CPU: MFU not shown
     # names that contain another's: each its own data sheet, never the first substring's
     ('NVIDIA L40', 'bfloat16', 181e12), ('NVIDIA L40S', 'float32', 183e12), ('NVIDIA L4', 'float32', 60e12),
-    ('NVIDIA A10', 'bfloat16', 125e12), ('NVIDIA A40', 'bfloat16', 149.7e12), ('NVIDIA RTX A6000', 'bfloat16', 154.8e12),
-    ('NVIDIA H200 NVL', 'bfloat16', 835e12), ('NVIDIA H100 NVL', 'float32', 418e12), ('NVIDIA H100 PCIe', 'float32', 378e12),
+    ('NVIDIA A10', 'bfloat16', 125e12), ('NVIDIA A40', 'bfloat16', 149.7e12),
+    ('NVIDIA RTX A6000', 'bfloat16', 154.8e12), ('NVIDIA H200 NVL', 'bfloat16', 835e12),
+    ('NVIDIA H100 NVL', 'float32', 418e12), ('NVIDIA H100 PCIe', 'float32', 378e12),
     ('NVIDIA A100-SXM4-40GB', 'float32', 156e12), ('NVIDIA A100-PCIE-40GB', 'bfloat16', 312e12),
     ('NVIDIA GeForce RTX 3090', 'bfloat16', 71e12), ('Tesla V100-PCIE-32GB', 'float16', 112e12),
     ('Tesla V100S-PCIE-32GB', 'float32', 16.4e12),
