@@ -422,6 +422,19 @@ def set_rng_state(state, device_type):
     random.setstate((state['python'][0], tuple(state['python'][1]), None))
 
 
+def compile_static(fn, mode=None):
+    """torch.compile for the training step, with static shapes: step 0's evals (and a short last eval batch) run
+    through the same code before the first training step, and having seen other sizes there dynamo would compile the
+    training step for dynamic shapes. Static, each shape has its own graph: the step's, the evals' (a few, bounded)."""
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def compile_scoring(model):
+    """torch.compile for HellaSwag's forward passes: a graph of their own, dynamic in the length (one or two graphs
+    for every length), apart from the training step's"""
+    return torch.compile(model, dynamic=True)
+
+
 def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
     """FSDP2 over all processes: each block is a unit (its weights gathered just for its forward / backward), then
     the root, which owns the embeddings, ln_f and the tied wte / lm_head weight (one parameter, sharded once, so it
@@ -432,10 +445,10 @@ def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
     hooks, so compiling the root would cover neither the head nor the loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if compile_mode:
+    if compile_mode:  # static shapes (see compile_static); samples and HellaSwag run eager under FSDP (train.py)
         for block in model.transformer.h:
-            block.compile(mode=compile_mode)
-        model.head = torch.compile(model.head, mode=compile_mode)
+            block.compile(mode=compile_mode, dynamic=False)
+        model.head = compile_static(model.head, compile_mode)
     mesh = init_device_mesh(device_type, (world_size,))  # explicit: torch would otherwise pick the build's accelerator
     blocks = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)

@@ -32,8 +32,9 @@ from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
                      read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
-                     stop_on_signals, sync, trim_log, unscale)
+                     stop_on_signals, sync, trim_log)
 from runtime import check_launcher, refuse_non_finite
+from runtime import compile_scoring, compile_static, unscale
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -309,10 +310,15 @@ if fsdp:
     fsdp_shard(model, device_type, dtype, world_size, compile_mode if compile else None)
 elif compile:
     print0("compiling the model... (takes a ~minute)")
-    model = torch.compile(model, mode=compile_mode)
+    model = compile_static(model, compile_mode)  # the training step's shapes, whatever ran first
 if ddp and not fsdp:
     model = DDP(model, device_ids=[device.index] if device_type == 'cuda' else None)
 ctx = autocast(device_type, dtype)
+# HellaSwag and the samples: their own compiled graphs, bounded (compile_scoring; generate's prefill and decode). Under
+# FSDP dynamo compiles only per block (it cannot trace FSDP's hooks), where each of their lengths would be a graph of
+# its own: they run eager there, and the blocks' graphs stay the training step's and the evals'
+scorer = compile_scoring(raw_model) if compile and not fsdp else raw_model
+inference = (lambda: torch.compiler.set_stance('force_eager')) if compile and fsdp else nullcontext
 peak = device_peak_flops(device, dtype)  # for MFU: None on CPU and unknown GPUs
 
 # -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
@@ -459,8 +465,9 @@ while True:
             losses = estimate_loss()
             record.update(train_loss=losses['train'], val_loss=losses['val'])
         if do_hellaswag:  # every process scores its share (under FSDP, all take part in every forward)
-            record['hellaswag'] = hellaswag.evaluate(raw_model, device, hellaswag_examples, ctx=ctx, rank=rank,
-                                                     world_size=world_size)['acc_norm']
+            with inference():
+                record['hellaswag'] = hellaswag.evaluate(scorer, device, hellaswag_examples, ctx=ctx, rank=rank,
+                                                         world_size=world_size)['acc_norm']
         print0(f"step {iter_num}:" + (f" train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
                                       + (", every val block once" if eval_full else '') if do_eval else '') +
                (f"{',' if do_eval else ''} hellaswag {record['hellaswag']:.4f}" if do_hellaswag else ''))
@@ -481,9 +488,9 @@ while True:
     if sample_interval and iter_num % sample_interval == 0 and (master or fsdp):  # FSDP: all generate, rank 0 prints
         x = torch.tensor([encode(sample_prompt) or [0]] * num_samples, dtype=torch.long, device=device)
         raw_model.eval()
-        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
+        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx, inference():
             torch.manual_seed(seed + iter_num)  # sampling must not move the training RNG (exact resume)
-            y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50)
+            y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50, compile=compile and not fsdp)
         raw_model.clear_caches()
         raw_model.train()
         for i in range(num_samples if master else 0):

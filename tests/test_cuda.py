@@ -128,6 +128,16 @@ def test_auto_batch_fits_the_gpt2_recipe_on_a_24gb_card(tmp_path):
     assert len(losses(p.stdout)) == 2
 
 
+@pytest.mark.parametrize('torchrun, flags', [(0, []), (1, ['--fsdp=True'])], ids=['compiled', 'fsdp-compiled'])
+def test_compiled_run_with_evals_and_samples(data, tmp_path, torchrun, flags):
+    """compiled, step 0's evals (a short last val batch) and samples before the first training step: the run learns,
+    samples go through generate's compiled steps (FSDP: eager), and dynamo never reaches its recompile limit"""
+    p = train(data, tmp_path, '--compile=True', '--eval_full=True', '--sample_interval=10', '--num_samples=2',
+              '--sample_tokens=16', '--sample_prompt=Th', *flags, torchrun=torchrun)
+    assert learns(p.stdout) and 'sample 1:' in p.stdout, p.stdout[-2000:]
+    assert 'recompile_limit' not in p.stderr and 'cache_size_limit' not in p.stderr, p.stderr[-2000:]
+
+
 def test_compile_on_and_off_agree_in_bf16(data, tmp_path):
     a = losses(train(data, tmp_path / 'c', '--compile=True').stdout)
     b = losses(train(data, tmp_path / 'e', '--compile=False').stdout)

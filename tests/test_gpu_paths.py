@@ -121,3 +121,115 @@ def test_fsdp_float16_loss_scaling_is_silent_and_skips_overflows():
     assert plain[1] == plain[2] and sharded[1] == sharded[2]  # the overflow step moved nothing
     assert plain[3] < plain[2] - 0.01  # the others learn
     assert sharded == pytest.approx(plain, abs=1e-5) and lines['SCALES'] == [2.0 ** 15] * 2
+
+
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's own decisions (graphs, guards, static or dynamic shapes) but no code generation:
+    what is compiled, and how often, is the same as with inductor, in a fraction of the time"""
+    real = torch.compile
+
+    def compile(fn=None, **kw):
+        return real(fn, **{**kw, 'backend': 'eager', 'mode': None})
+
+    monkeypatch.setattr(torch, 'compile', compile)
+    torch._dynamo.reset()
+
+
+def test_compiled_training_keeps_static_shapes_after_evals_hellaswag_and_samples(monkeypatch):
+    """a compiled run's step 0: evals (a short last batch too), HellaSwag (lengths vary) and samples run before the
+    first training step. The training step still compiles static (another batch size would compile anew), HellaSwag and
+    the samples take graphs of their own, and a second round of all of them compiles nothing"""
+    import hellaswag
+    import model as model_module
+    import runtime
+    from torch._dynamo.utils import counters
+    eager_compile(monkeypatch)
+    monkeypatch.setattr(model_module, '_compiled', {}, raising=False)  # generate's compiled steps, fresh
+
+    class CharEncoder:  # HellaSwag's rendering without GPT-2's BPE: one token per character
+        n_vocab = 65
+
+        def encode(self, s):
+            return [ord(c) % 65 for c in s]
+
+    monkeypatch.setattr(hellaswag, '_enc', CharEncoder())
+    examples = [{'ctx': 'ab' * (2 + i), 'endings': ['c' * (1 + (i + j) % 5) for j in range(4)], 'label': i % 4}
+                for i in range(9)]
+    raw = tiny()
+    compiled, scorer = runtime.compile_static(raw), runtime.compile_scoring(raw)
+    graphs = lambda: counters['stats']['unique_graphs']
+    x = lambda b: torch.randint(0, 65, (b, 32), generator=torch.Generator().manual_seed(b))
+
+    def extras():
+        raw.eval()
+        with torch.no_grad():
+            for b in (4, 3):  # eval batches, the last one short (eval_full)
+                compiled(x(b), x(b))
+        scores = hellaswag.evaluate(scorer, 'cpu', examples, batch_size=2)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            samples = raw.generate(x(2)[:, :5], 8, temperature=1.0, top_k=50, compile=True)
+        raw.train()
+        return scores, samples
+
+    counters.clear()
+    first = extras()
+    before_training = graphs()
+    for _ in range(2):
+        compiled(x(4), x(4))[1].backward()
+    assert graphs() == before_training + 1  # the training step: one graph
+    compiled(x(2), x(2))[1].backward()
+    assert graphs() == before_training + 2  # static: another batch size is another graph
+    again = extras()
+    assert graphs() == before_training + 2, "the second round of evals, HellaSwag and samples compiled again"
+    assert first[0] == again[0] and first[0] == hellaswag.evaluate(raw, 'cpu', examples, batch_size=2)
+    assert torch.equal(first[1], again[1])
+    torch._dynamo.reset()
+
+
+FSDP_COMPILED = r'''
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist
+from torch._dynamo.utils import counters
+real = torch.compile
+torch.compile = lambda fn=None, **kw: real(fn, **{**kw, 'backend': 'eager', 'mode': None})  # dynamo's decisions only
+from model import GPT, GPTConfig
+from runtime import fsdp_shard
+dist.init_process_group('gloo')
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
+fsdp_shard(model, 'cpu', 'float32', 1, compile_mode='default')
+x = lambda b: torch.randint(0, 65, (b, 32), generator=torch.Generator().manual_seed(b))
+model.eval()
+with torch.no_grad():
+    for b in (4, 3):  # step 0's evals, the last batch short
+        model(x(b), x(b))
+with torch.compiler.set_stance('force_eager'):  # train.py's samples and HellaSwag under FSDP
+    model.generate(x(2)[:, :5], 8, temperature=1.0, top_k=50)
+model.clear_caches()
+model.train()
+seen = [counters['stats']['unique_graphs']]
+for b in (4, 4, 2):
+    model(x(b), x(b))[1].backward()
+    seen.append(counters['stats']['unique_graphs'])
+print('GRAPHS', seen)
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+def test_fsdp_compiled_blocks_keep_the_training_step_static():
+    """FSDP compiles per block: step 0's evals (two batch sizes) go through the blocks' graphs and the samples run eager
+    (no graph), so the training step still compiles static: its first step compiles, the second nothing, another
+    batch size anew"""
+    import socket
+    from conftest import run_script
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    p = run_script('-c', FSDP_COMPILED, env=dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                                                  MASTER_PORT=str(port)))
+    seen = eval(p.stdout.split('GRAPHS', 1)[1].strip().splitlines()[0])
+    assert seen[1] > seen[0] and seen[2] == seen[1] and seen[3] > seen[2], seen
