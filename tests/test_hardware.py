@@ -150,11 +150,9 @@ def test_slurm_one_gpu_per_task_takes_its_gpu(monkeypatch, localid):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: current.append(d))
     monkeypatch.setattr(torch, 'set_float32_matmul_precision', lambda p: None)
-    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in dict(SLURM_NTASKS='16', SLURM_NTASKS_PER_NODE='8', SLURM_PROCID=str(8 + int(localid)),
-                     SLURM_LOCALID=localid, MASTER_ADDR='node1', MASTER_PORT='29500').items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(os, 'environ', dict(  # a copy: slurm_as_torchrun writes torchrun's variables into it
+        SLURM_NTASKS='16', SLURM_NTASKS_PER_NODE='8', SLURM_PROCID=str(8 + int(localid)), SLURM_LOCALID=localid,
+        MASTER_ADDR='node1', MASTER_PORT='29500'))
     runtime.slurm_as_torchrun()
     assert (os.environ['LOCAL_WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('8', localid)
     assert runtime.pick_device('auto') == cuda(0) and current == [cuda(0)]
