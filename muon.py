@@ -35,20 +35,30 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
         if any(p.dim() != 2 for g in self.param_groups for p in g['params']):
             raise ValueError("Muon orthogonalises 2-D weight matrices only; give the other parameters to AdamW")
+        # like fused AdamW, step() reads found_inf (and grad_scale) set by runtime.step_optimizers or a GradScaler
+        self._step_supports_amp_scaling = True
 
     @torch.no_grad()
     def step(self, closure=None):  # closure: the Optimizer interface (checkpoint loading calls it); unused
+        found_inf, grad_scale = getattr(self, 'found_inf', None), getattr(self, 'grad_scale', None)
         for group in self.param_groups:
             params = [p for p in group['params'] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads, go, momentum = [p.grad for p in params], None, group['momentum']
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
+            if found_inf is not None:  # skipped on the device, no host sync: zero gradients, momentum 1, no update
+                go = found_inf.to(params[0].device) == 0
+                grads = [torch.where(go, g, 0.0) for g in grads]
+                momentum = torch.where(go, momentum, 1.0)
             bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in params]
-            torch._foreach_mul_(bufs, group['momentum'])
+            torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=group['momentum'])  # Nesterov
             if group['weight_decay']:
-                torch._foreach_mul_(params, 1 - group['lr'] * group['weight_decay'])
+                decay = 1 - group['lr'] * group['weight_decay']
+                torch._foreach_mul_(params, decay if go is None else torch.where(go, decay, 1.0))
             batches = {}  # tall matrices are transposed to wide ones, so (512, 128) and (128, 512) share a batch
             for p, u in zip(params, updates):
                 tall = p.size(0) > p.size(1)
@@ -58,4 +68,5 @@ class Muon(torch.optim.Optimizer):
                 for (p, _, tall), o in zip(batch, O.unbind(0)):
                     # as in torch.optim.Muon: a tall matrix's orthogonal update is smaller per entry, scale it up
                     scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    o = o if go is None else o * go
                     p.add_((o.mT if tall else o).to(p.dtype), alpha=-group['lr'] * scale)

@@ -31,14 +31,32 @@ if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
     fail(f"this repo needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}; "
          f"pip install -U torch (on a CPU-only machine: pip install torch==2.13.0)")
 
-# dense tensor-core peaks by GPU name: (bf16, fp16, tf32 / fp32) FLOP/s, None where the GPU has no such unit.
-# First match wins, so the PCIe / NVL H100s come before the SXM one and L40S before L4. GeForce figures are
-# with float32 accumulation, which is what PyTorch's matmuls use.
-PEAK_FLOPS = {'B200': (2250e12, 2250e12, 1100e12), 'H200': (989e12, 989e12, 494e12),
-              'H100 PCIe': (756e12, 756e12, 378e12), 'H100 NVL': (835e12, 835e12, 418e12),
-              'H100': (989e12, 989e12, 494e12), 'A100': (312e12, 312e12, 156e12), 'L40S': (362e12, 362e12, 183e12),
-              'L4': (121e12, 121e12, 60e12), 'RTX 4090': (165e12, 165e12, 82.6e12),
-              'RTX 3090': (71e12, 71e12, 35.6e12), 'V100': (None, 125e12, 15.7e12), 'T4': (None, 65e12, 8.1e12)}
+# dense (not 2:4 sparse) tensor-core peaks, (bf16, fp16, tf32 / fp32) FLOP/s, None where the GPU has no such unit, from
+# NVIDIA's data sheets (B200: the HGX B200 sheet, per GPU; H100 / H200: the Hopper sheets; A100, A10, A40, L4, L40,
+# L40S, RTX A6000: each its own; GeForce: the GA102 and Ada whitepapers, with float32 accumulation, which PyTorch's
+# matmuls use; V100, T4: no bf16, and float32 without TF32). Keyed by the exact name torch.cuda.get_device_name gives:
+# a substring would give an "NVIDIA L40S" the L4's peak. A GPU not named here (the A10G: no NVIDIA data sheet) shows
+# MFU n/a, never a wrong figure.
+PEAK_FLOPS = {name: peaks for names, peaks in (
+    (('NVIDIA B200',), (2250e12, 2250e12, 1100e12)),
+    (('NVIDIA H100 80GB HBM3', 'NVIDIA H100', 'NVIDIA H100 SXM5 80GB', 'NVIDIA H200', 'NVIDIA H200 141GB HBM3e',
+      'NVIDIA GH200 480GB', 'NVIDIA GH200 144G HBM3e'), (989e12, 989e12, 494e12)),
+    (('NVIDIA H100 PCIe',), (756e12, 756e12, 378e12)),
+    (('NVIDIA H100 NVL', 'NVIDIA H200 NVL'), (835e12, 835e12, 418e12)),
+    (('NVIDIA A100-SXM4-40GB', 'NVIDIA A100-SXM4-80GB', 'NVIDIA A100-PCIE-40GB', 'NVIDIA A100 80GB PCIe',
+      'NVIDIA A100-SXM-80GB'), (312e12, 312e12, 156e12)),
+    (('NVIDIA L4',), (121e12, 121e12, 60e12)),
+    (('NVIDIA L40',), (181e12, 181e12, 90.5e12)),
+    (('NVIDIA L40S',), (362e12, 362e12, 183e12)),
+    (('NVIDIA A10',), (125e12, 125e12, 62.5e12)),
+    (('NVIDIA A40',), (149.7e12, 149.7e12, 74.8e12)),
+    (('NVIDIA RTX A6000',), (154.8e12, 154.8e12, 77.4e12)),
+    (('NVIDIA GeForce RTX 4090',), (165.2e12, 165.2e12, 82.6e12)),
+    (('NVIDIA GeForce RTX 3090',), (71e12, 71e12, 35.6e12)),
+    (('Tesla V100-SXM2-16GB', 'Tesla V100-SXM2-32GB'), (None, 125e12, 15.7e12)),
+    (('Tesla V100-PCIE-16GB', 'Tesla V100-PCIE-32GB'), (None, 112e12, 14e12)),
+    (('Tesla V100S-PCIE-32GB',), (None, 130e12, 16.4e12)),
+    (('Tesla T4',), (None, 65e12, 8.1e12))) for name in names}
 
 
 # -- the decisions (pure: every hardware case is a test on a CPU) -----------------------------------------
@@ -73,13 +91,13 @@ def choose_device(requested, local_rank=0, local_world_size=None, world_size=1, 
             raise ValueError(f"--device={requested} would put every process of this node on one GPU; under torchrun "
                              f"or srun use --device=cuda and each process takes the GPU of its local rank")
         return device
-    if world_size == 1:
+    if world_size == 1 or n_cuda == 1:
+        # one GPU visible to a process of several: srun --gpus-per-task=1 shows each task only its own, whatever the
+        # number of tasks on the node (LOCAL_WORLD_SIZE), so it is this process's GPU
         return torch.device('cuda', 0)
     if local_world_size is not None and local_world_size > n_cuda:
         raise ValueError(f"{local_world_size} processes on this node but only {n_cuda} GPU(s) visible; start at most "
                          f"{n_cuda} (--nproc_per_node={n_cuda})")
-    if n_cuda == 1:  # srun --gpus-per-task=1 (or one process per node): each process sees only its own GPU
-        return torch.device('cuda', 0)
     if local_rank >= n_cuda:
         raise ValueError(f"local rank {local_rank} but only {n_cuda} GPU(s) visible; start at most {n_cuda} "
                          f"processes per node")
@@ -131,7 +149,7 @@ def peak_flops(gpu_name, dtype):
     if not gpu_name:
         return None
     column = {'bfloat16': 0, 'float16': 1, 'float32': 2}[dtype]
-    return next((peaks[column] for name, peaks in PEAK_FLOPS.items() if name in gpu_name), None)
+    return PEAK_FLOPS.get(gpu_name.strip(), (None,) * 3)[column]
 
 
 # -- reading the facts off this machine -----------------------------------------------------------------
@@ -404,6 +422,19 @@ def set_rng_state(state, device_type):
     random.setstate((state['python'][0], tuple(state['python'][1]), None))
 
 
+def compile_static(fn, mode=None):
+    """torch.compile for the training step, with static shapes: step 0's evals (and a short last eval batch) run
+    through the same code before the first training step, and having seen other sizes there dynamo would compile the
+    training step for dynamic shapes. Static, each shape has its own graph: the step's, the evals' (a few, bounded)."""
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def compile_scoring(model):
+    """torch.compile for HellaSwag's forward passes: a graph of their own, dynamic in the length (one or two graphs
+    for every length), apart from the training step's"""
+    return torch.compile(model, dynamic=True)
+
+
 def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
     """FSDP2 over all processes: each block is a unit (its weights gathered just for its forward / backward), then
     the root, which owns the embeddings, ln_f and the tied wte / lm_head weight (one parameter, sharded once, so it
@@ -414,10 +445,10 @@ def fsdp_shard(model, device_type, dtype, world_size, compile_mode=None):
     hooks, so compiling the root would cover neither the head nor the loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if compile_mode:
+    if compile_mode:  # static shapes (see compile_static); samples and HellaSwag run eager under FSDP (train.py)
         for block in model.transformer.h:
-            block.compile(mode=compile_mode)
-        model.head = torch.compile(model.head, mode=compile_mode)
+            block.compile(mode=compile_mode, dynamic=False)
+        model.head = compile_static(model.head, compile_mode)
     mesh = init_device_mesh(device_type, (world_size,))  # explicit: torch would otherwise pick the build's accelerator
     blocks = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
@@ -469,16 +500,34 @@ def load_optimizer_state(model, optimizers, state, sharded, path):
         set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=sharded))
 
 
+def unscale(scaler, optimizers):
+    """scaler.unscale_ for each optimizer, before clipping. Under FSDP in float16, torch's ShardedGradScaler hands its
+    found_inf, shaped (1,), to the unscale kernel with the DTensor gradients, and DTensor warns on every step that it
+    takes it as replicated. That is right (each process checks its own shards, then the scaler sums found_inf over the
+    processes), so that one warning is dropped here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Found a non-scalar tensor with numel=1 and ndim!=0')
+        for opt in optimizers:
+            scaler.unscale_(opt)
+
+
 def step_optimizers(optimizers, scaler, finite):
-    """apply the step unless the loss or gradients were not finite: the GradScaler skips such steps itself (float16),
-    fused AdamW on the device (no host sync); otherwise one sync decides"""
-    if scaler.is_enabled():
+    """apply the step unless the loss or gradients were not finite (`finite`, a tensor on the device), the gradients
+    already unscaled (scaler.unscale_). Optimizers that read found_inf (fused AdamW, muon.Muon) skip it on the device
+    with no host sync, all of them together: with two, the GradScaler's per-optimizer check would step the one whose
+    own gradients were finite, after clipping by a NaN norm had made them NaN. Otherwise (unfused AdamW) the GradScaler
+    skips it (float16), or one sync decides."""
+    if all(getattr(opt, '_step_supports_amp_scaling', False) for opt in optimizers):
+        for opt in optimizers:
+            opt.found_inf = (~finite).float()
+            opt.step()
+            del opt.found_inf  # as the GradScaler does: a later step() taken elsewhere is not skipped by this one's
+        if scaler.is_enabled():
+            scaler.update()  # from the inf checks unscale_ recorded: the scale backs off after an overflow
+    elif scaler.is_enabled():
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
-    elif len(optimizers) == 1 and optimizers[0].defaults.get('fused'):
-        optimizers[0].found_inf = (~finite).float()
-        optimizers[0].step()
     elif finite.item():
         for opt in optimizers:
             opt.step()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import autobatch
 import memory
 from configurator import configure, fail, sources, unused, writable_dir
 from dataprep import gpt2_encoding
@@ -33,6 +34,7 @@ from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_
                      read_batch, rng_state, save_atomic, set_rng_state, slurm_as_torchrun, step_optimizers,
                      stop_on_signals, sync, trim_log)
 from runtime import check_launcher, refuse_non_finite
+from runtime import compile_scoring, compile_static, unscale
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -63,6 +65,7 @@ dataset = 'openwebtext'
 data_dir = ''  # where train.bin / val.bin / meta.json live (default: data/<dataset> in this repo)
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, across all processes
 batch_size = 12  # micro-batch size per process
+auto_batch = False  # find the largest micro-batch that fits by trial steps; micro-steps set so tokens per step stay
 block_size = 1024
 # model
 n_layer = 12
@@ -151,6 +154,9 @@ if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autot
          f"max-autotune-no-cudagraphs")
 if optimizer not in ('adamw', 'muon'):
     fail(f"unknown optimizer '{optimizer}'; use adamw or muon")
+if auto_batch and fsdp:
+    fail("auto_batch=True finds the micro-batch by trial steps on each process's whole model, and FSDP shards it over "
+         "the processes: set --batch_size with --fsdp=True")
 if optimizer == 'muon' and fsdp:
     fail("optimizer='muon' orthogonalises each weight matrix's update, which needs the whole matrix, and FSDP shards "
          "them: train with DDP (drop --fsdp) or use --optimizer=adamw")
@@ -191,7 +197,8 @@ for keys, off, why in ((('compile_mode',), not compile, 'with compile off'),
                        (('sample_prompt', 'sample_tokens', 'num_samples'), not sample_interval, 'with sample_interval=0'),
                        (('hellaswag_limit', 'hellaswag_dir'), not hellaswag_interval, 'with hellaswag_interval=0'),
                        (('wandb_project', 'wandb_run_name'), not wandb_log, 'with wandb_log=False'),
-                       (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)')):
+                       (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)'),
+                       (('auto_batch',), eval_only, 'with eval_only=True')):
     if off:
         unused(keys, why)
 if fsdp and device_type == 'cpu' and dtype != 'float32':  # its blocks' float32 stream meets bf16 LayerNorm weights
@@ -240,9 +247,9 @@ def take_shape(have, source, fix):
 
 def check_fits(n_params, n_layer, n_embd, vocab_size):
     """one line, before anything is allocated or written, when the least memory the run needs exceeds the device's"""
-    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype,
-                                 None if eval_only else optimizer, world_size if fsdp else 1, activation_checkpointing,
-                                 gradient_accumulation_steps + eval_iters), device, 'train.py')
+    memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, 1 if auto_batch else batch_size,
+                                 dtype, None if eval_only else optimizer, world_size if fsdp else 1,
+                                 activation_checkpointing, gradient_accumulation_steps + eval_iters), device, 'train.py')
 
 
 torch.manual_seed(seed)  # the same initial weights on every process
@@ -303,21 +310,45 @@ model.to(device)
 # -- processes talk; the model is sharded (FSDP), compiled and wrapped (DDP), in that order ---------------
 if ddp:  # device_id binds the group to this process's GPU (and connects NCCL at once)
     dist.init_process_group(backend, device_id=device if device_type == 'cuda' else None)
+if auto_batch and not eval_only:  # before compile and DDP: trials run eager, each process on its own GPU
+    n_params = sum(p.numel() for p in model.parameters())
+    per_seq = memory.training(n_params, model_args['n_layer'], model_args['n_embd'], block_size,
+                              model_args['vocab_size'], 1, dtype, optimizer, 1, activation_checkpointing)
+    per_seq = per_seq['one micro-batch'][0]  # off CUDA, trials stay below half the memory: no kernel OOM kill
+    # held aside during trials: AdamW's two moments (Muon's one momentum is less), DDP's gradient buckets
+    batch_size = autobatch.choose(model, accum_local * batch_size, block_size, model_args['vocab_size'], device,
+                                  autocast(device_type, dtype), (8 + 4 * ddp) * n_params, ddp=ddp, log=print0,
+                                  limit=None if device_type == 'cuda' else memory.device_memory(device) // (2 * per_seq))
+    if not batch_size:
+        print0(f"error: auto_batch=True: not even one sequence of block_size {block_size} fits this device's memory "
+               f"beside the optimizer state; lower --block_size, set --activation_checkpointing=True, or train a "
+               f"smaller model", file=sys.stderr)
+        if ddp:
+            leave_processes(2)
+        sys.exit(2)
+    accum_local = tokens_per_iter // (world_size * batch_size * block_size)
+    gradient_accumulation_steps = accum_local * world_size
+    # a resumed run keeps this micro-batch (its batches, hence exact resume, depend on it)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, auto_batch=False)
 raw_model = model  # the GPT itself (sharded under FSDP), whatever compile and DDP wrap around it below
 if fsdp:
     fsdp_shard(model, device_type, dtype, world_size, compile_mode if compile else None)
 elif compile:
     print0("compiling the model... (takes a ~minute)")
-    model = torch.compile(model, mode=compile_mode)
+    model = compile_static(model, compile_mode)  # the training step's shapes, whatever ran first
 if ddp and not fsdp:
     model = DDP(model, device_ids=[device.index] if device_type == 'cuda' else None)
 ctx = autocast(device_type, dtype)
+# HellaSwag and the samples: their own compiled graphs, bounded (compile_scoring; generate's prefill and decode). Under
+# FSDP dynamo compiles only per block (it cannot trace FSDP's hooks), where each of their lengths would be a graph of
+# its own: they run eager there, and the blocks' graphs stay the training step's and the evals'
+scorer = compile_scoring(raw_model) if compile and not fsdp else raw_model
+inference = (lambda: torch.compiler.set_stance('force_eager')) if compile and fsdp else nullcontext
 peak = device_peak_flops(device, dtype)  # for MFU: None on CPU and unknown GPUs
 
 # -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
-# (fused AdamW can't take the sharded scaler's found_inf: FSDP in float16 uses the unfused one)
+# (fused AdamW everywhere, FSDP in float16 included: step_optimizers hands it its found_inf, not the sharded scaler)
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                            fused=False if fsdp and dtype == 'float16' else None,
                                             muon_lr=muon_lr if optimizer == 'muon' else None, muon_momentum=muon_momentum)
 scaler = grad_scaler(device_type, dtype, sharded=fsdp)
 if init_from == 'resume':
@@ -459,8 +490,9 @@ while True:
             losses = estimate_loss()
             record.update(train_loss=losses['train'], val_loss=losses['val'])
         if do_hellaswag:  # every process scores its share (under FSDP, all take part in every forward)
-            record['hellaswag'] = hellaswag.evaluate(raw_model, device, hellaswag_examples, ctx=ctx, rank=rank,
-                                                     world_size=world_size)['acc_norm']
+            with inference():
+                record['hellaswag'] = hellaswag.evaluate(scorer, device, hellaswag_examples, ctx=ctx, rank=rank,
+                                                         world_size=world_size)['acc_norm']
         print0(f"step {iter_num}:" + (f" train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
                                       + (", every val block once" if eval_full else '') if do_eval else '') +
                (f"{',' if do_eval else ''} hellaswag {record['hellaswag']:.4f}" if do_hellaswag else ''))
@@ -481,9 +513,9 @@ while True:
     if sample_interval and iter_num % sample_interval == 0 and (master or fsdp):  # FSDP: all generate, rank 0 prints
         x = torch.tensor([encode(sample_prompt) or [0]] * num_samples, dtype=torch.long, device=device)
         raw_model.eval()
-        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
+        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx, inference():
             torch.manual_seed(seed + iter_num)  # sampling must not move the training RNG (exact resume)
-            y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50)
+            y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50, compile=compile and not fsdp)
         raw_model.clear_caches()
         raw_model.train()
         for i in range(num_samples if master else 0):
@@ -506,8 +538,7 @@ while True:
                 X, Y = get_batch('train', batches[micro_step + 1])  # prefetch while the device computes
             scaler.scale(loss).backward()
         local_loss += loss.detach().float()
-    for opt in optimizers:
-        scaler.unscale_(opt)
+    unscale(scaler, optimizers)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     if fsdp:
         grad_norm = grad_norm.full_tensor()  # a replicated DTensor: the norm over all shards, the same everywhere

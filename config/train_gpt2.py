@@ -6,10 +6,12 @@ wandb_log = False
 wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 
-# 12 batch x 1024 tokens x 40 micro-steps = ~491,520 tokens per step (40 must divide by the GPU count)
+# 12 batch x 1024 tokens x 40 micro-steps = ~491,520 tokens per step (40 must divide by the GPU count); auto_batch
+# keeps those tokens per step with the largest micro-batch that fits each GPU (a 24 GB card too)
 batch_size = 12
 block_size = 1024
 gradient_accumulation_steps = 5 * 8
+auto_batch = True
 
 # 600,000 steps: ~300B tokens
 max_iters = 600000

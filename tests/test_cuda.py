@@ -74,6 +74,70 @@ def test_fsdp_and_ddp_train_alike_in_bf16(data, tmp_path):
         assert fsdp[k] == pytest.approx(ddp[k], rel=5e-3, abs=5e-3), (k, fsdp[k], ddp[k])
 
 
+def test_fsdp_float16_is_silent_and_learns(data, tmp_path):
+    """FSDP in float16 (several V100s): the sharded GradScaler with DTensor gradients and fused AdamW learns, warns
+    about nothing, and trains as DDP in float16 does"""
+    flags = ['--compile=False', '--dtype=float16']
+    p = train(data, tmp_path / 'fsdp', *flags, '--fsdp=True', torchrun=1)
+    assert learns(p.stdout) and 'dtype float16' in p.stdout, p.stdout[-2000:]
+    assert 'non-scalar tensor' not in p.stderr and 'UserWarning' not in p.stderr, p.stderr[-2000:]
+    ddp = losses(train(data, tmp_path / 'ddp', *flags, torchrun=1).stdout)
+    for k, v in losses(p.stdout).items():
+        assert v == pytest.approx(ddp[k], rel=1e-2, abs=1e-2), (k, v, ddp[k])
+
+
+def test_slurm_tasks_with_one_gpu_each_start(data, tmp_path):
+    """srun --ntasks-per-node=2 --gpus-per-task=1 without torchrun: srun's variables (LOCAL_WORLD_SIZE=2 from
+    SLURM_NTASKS_PER_NODE) and one visible GPU per task; both tasks take cuda:0 (the same GPU here, so gloo)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from conftest import REPO
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')}
+        env.update(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS='2', SLURM_NTASKS_PER_NODE='2',
+                   CUDA_VISIBLE_DEVICES=os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0],
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='4', PYTHONUNBUFFERED='1')
+        procs.append(subprocess.Popen([sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={tmp_path}',
+                                       *TINY, '--max_iters=4', '--backend=gloo', '--compile=False'], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in out]
+    assert 'device cuda:0' in out[0][0] and '2 process(es)' in out[0][0], out[0][0][-2000:]
+
+
+def test_auto_batch_fits_the_gpt2_recipe_on_a_24gb_card(tmp_path):
+    """config/train_gpt2.py (124M, block 1024, 491,520 tokens per step) with this GPU capped at 22 GB (a 24 GB card
+    less its CUDA context): auto_batch picks a micro-batch that fits, keeps the tokens per step, and trains"""
+    import os
+    data = write_char_dataset(str(tmp_path / 'data'))
+    os.remove(os.path.join(data, 'meta.json'))  # ids under 50257: a GPT-2 BPE vocabulary, the recipe's logits
+    cap = 22e9 / torch.cuda.get_device_properties(0).total_memory
+    p = run_script('-c', f"import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction({cap}); "
+                         "sys.argv = sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')",
+                   'train.py', 'config/train_gpt2.py', f'--data_dir={data}', f'--out_dir={tmp_path / "o"}',
+                   '--max_iters=2', '--eval_iters=2', '--eval_interval=2', '--log_interval=1', '--compile=False')
+    chosen = int(re.search(r'auto_batch: tried .*; using (\d+)', p.stdout).group(1))
+    assert 1 <= chosen < 480 and 480 % chosen == 0, p.stdout[-2000:]
+    assert f'tokens per step: 491,520 (1 process(es) x {480 // chosen} micro-steps x {chosen} x 1024)' in p.stdout
+    assert len(losses(p.stdout)) == 2
+
+
+@pytest.mark.parametrize('torchrun, flags', [(0, []), (1, ['--fsdp=True'])], ids=['compiled', 'fsdp-compiled'])
+def test_compiled_run_with_evals_and_samples(data, tmp_path, torchrun, flags):
+    """compiled, step 0's evals (a short last val batch) and samples before the first training step: the run learns,
+    samples go through generate's compiled steps (FSDP: eager), and dynamo never reaches its recompile limit"""
+    p = train(data, tmp_path, '--compile=True', '--eval_full=True', '--sample_interval=10', '--num_samples=2',
+              '--sample_tokens=16', '--sample_prompt=Th', *flags, torchrun=torchrun)
+    assert learns(p.stdout) and 'sample 1:' in p.stdout, p.stdout[-2000:]
+    assert 'recompile_limit' not in p.stderr and 'cache_size_limit' not in p.stderr, p.stderr[-2000:]
+
+
 def test_compile_on_and_off_agree_in_bf16(data, tmp_path):
     a = losses(train(data, tmp_path / 'c', '--compile=True').stdout)
     b = losses(train(data, tmp_path / 'e', '--compile=False').stdout)

@@ -1,6 +1,8 @@
 """The hardware decisions of runtime.py as decision tables over every case a user meets (one GPU, torchrun on
 8 GPUs, two nodes, srun with one GPU per task, explicit cuda:N, V100 / T4 / A100 / H100, MPS, CPU), and the thin
 wrappers that read the facts off the machine, with CUDA's queries faked so the GPU lines run here."""
+import os
+
 import pytest
 import torch
 
@@ -31,7 +33,8 @@ DEVICE_CASES = [
     (('cuda', 4, 8, 16, 8, False), cuda(4)),
     # srun with --gpus-per-task=1: every task sees one GPU, its own, as cuda:0 (local ranks 0..7)
     *[(('auto', r, None, 8, 1, False), cuda(0)) for r in (0, 1, 7)],
-    *[(('auto', r, 8, 16, 1, False), 'only 1 GPU(s) visible') for r in (0,)],  # torchrun 8 procs, 1 GPU
+    # the same with LOCAL_WORLD_SIZE=8 from SLURM_NTASKS_PER_NODE (srun --ntasks-per-node=8 --gpus-per-task=1)
+    *[((req, r, 8, 16, 1, False), cuda(0)) for req in ('auto', 'cuda') for r in (0, 3, 7)],
     # srun with all 8 GPUs visible to every task (no LOCAL_WORLD_SIZE): the local rank picks
     (('cuda', 3, None, 8, 8, False), cuda(3)),
     (('cuda', 3, None, 8, 2, False), 'local rank 3 but only 2 GPU(s)'),
@@ -106,8 +109,20 @@ def test_choose_compile(args, want):
     ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312e12), ('NVIDIA A100 80GB PCIe', 'float16', 312e12),
     ('NVIDIA L40S', 'bfloat16', 362e12), ('NVIDIA L4', 'bfloat16', 121e12),
     ('Tesla V100-SXM2-16GB', 'float16', 125e12), ('Tesla V100-SXM2-16GB', 'bfloat16', None),  # no bf16 units
-    ('Tesla T4', 'float16', 65e12), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165e12),
+    ('Tesla T4', 'float16', 65e12), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165.2e12),
     ('NVIDIA GeForce GTX 1080', 'bfloat16', None), (None, 'float32', None),  # unknown GPU, CPU: MFU not shown
+    # names that contain another's: each its own data sheet, never the first substring's
+    ('NVIDIA L40', 'bfloat16', 181e12), ('NVIDIA L40S', 'float32', 183e12), ('NVIDIA L4', 'float32', 60e12),
+    ('NVIDIA A10', 'bfloat16', 125e12), ('NVIDIA A40', 'bfloat16', 149.7e12),
+    ('NVIDIA RTX A6000', 'bfloat16', 154.8e12), ('NVIDIA H200 NVL', 'bfloat16', 835e12),
+    ('NVIDIA H100 NVL', 'float32', 418e12), ('NVIDIA H100 PCIe', 'float32', 378e12),
+    ('NVIDIA A100-SXM4-40GB', 'float32', 156e12), ('NVIDIA A100-PCIE-40GB', 'bfloat16', 312e12),
+    ('NVIDIA GeForce RTX 3090', 'bfloat16', 71e12), ('Tesla V100-PCIE-32GB', 'float16', 112e12),
+    ('Tesla V100S-PCIE-32GB', 'float32', 16.4e12),
+    # no data sheet, or a cut-down or different chip whose name contains a known one: n/a
+    ('NVIDIA A10G', 'bfloat16', None), ('NVIDIA GeForce RTX 4090 D', 'bfloat16', None),
+    ('NVIDIA GeForce RTX 3090 Ti', 'bfloat16', None), ('NVIDIA L4 Tensor Core GPU', 'bfloat16', None),
+    ('NVIDIA A100X', 'bfloat16', None), ('NVIDIA H800', 'bfloat16', None),
 ])
 def test_peak_flops(name, dtype, want):
     assert peak_flops(name, dtype) == want
@@ -125,6 +140,22 @@ def test_pick_device_wires_the_launcher_and_makes_the_gpu_current(monkeypatch):
     assert current == [cuda(3), 'high']
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')  # one process per node may name its GPU
     assert runtime.pick_device('cuda:5') == cuda(5)
+
+
+@pytest.mark.parametrize('localid', ['0', '5', '7'])
+def test_slurm_one_gpu_per_task_takes_its_gpu(monkeypatch, localid):
+    """srun --ntasks-per-node=8 --gpus-per-task=1 python train.py: srun's variables mapped by slurm_as_torchrun
+    (LOCAL_WORLD_SIZE=8) and one visible GPU per task: every task takes that GPU"""
+    current = []
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: current.append(d))
+    monkeypatch.setattr(torch, 'set_float32_matmul_precision', lambda p: None)
+    monkeypatch.setattr(os, 'environ', dict(  # a copy: slurm_as_torchrun writes torchrun's variables into it
+        SLURM_NTASKS='16', SLURM_NTASKS_PER_NODE='8', SLURM_PROCID=str(8 + int(localid)), SLURM_LOCALID=localid,
+        MASTER_ADDR='node1', MASTER_PORT='29500'))
+    runtime.slurm_as_torchrun()
+    assert (os.environ['LOCAL_WORLD_SIZE'], os.environ['LOCAL_RANK']) == ('8', localid)
+    assert runtime.pick_device('auto') == cuda(0) and current == [cuda(0)]
 
 
 def test_bf16_check_excludes_emulation(monkeypatch):
