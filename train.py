@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import chat_format
 import lora
 import memory
 from configurator import configure, fail, unused, writable_dir
@@ -65,6 +66,7 @@ data_dir = ''  # where train.bin / val.bin / meta.json live (default: data/<data
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, across all processes
 batch_size = 12  # micro-batch size per process
 block_size = 1024
+chat_mask = True  # chat datasets (data/chat/prepare.py): learn only the assistant's tokens; False: every token
 # model
 n_layer = 12
 n_head = 12
@@ -206,6 +208,16 @@ wandb = check_wandb() if wandb_log and master and not eval_only else None
 # -- data: train.bin / val.bin are uint16 token ids, memmapped once ----------------------
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 splits, meta = open_token_files(data_dir, dataset, block_size)  # meta: a char vocabulary, or None for GPT-2 BPE
+chat, chat_info, chat_note = chat_format.open_dataset(data_dir, splits, block_size)  # None: plain text
+if chat:
+    print0(chat_note)
+else:
+    unused(('chat_mask',), 'on a plain-text dataset')
+if chat and eval_full:
+    fail("eval_full=True is for plain-text datasets (it scores every block once); a chat dataset is evaluated on "
+         "random conversations: drop --eval_full")
+# windows to draw per split: for a chat dataset, its conversations (a window number is looked up in get_batch)
+n_windows = {s: len(chat[s]['starts']) + block_size + 1 if chat else len(t) for s, t in splits.items()}
 if hellaswag_interval:  # examples (downloaded once) are checked now, before any file is touched
     if meta:
         fail("hellaswag_interval needs a GPT-2 BPE model; this dataset is char-level: set --hellaswag_interval=0")
@@ -255,6 +267,10 @@ try:
         args = ckpt['model_args']  # the same weights, so the same shape (a finetune may change the attention)
         same = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'bias')}
         if init_from == 'resume':
+            if bool(ckpt.get('chat')) != bool(chat):
+                fail(f"{ckpt_path} was trained on {'a chat' if ckpt.get('chat') else 'a plain-text'} dataset and "
+                     f"{data_dir} holds {'a chat' if chat else 'a plain-text'} one; resume on its own kind of data, or "
+                     f"start a new run from it with --init_from=finetune")
             same.update(attn_type=args['attn_type'], block_size=args['block_size'],
                         optimizer=ckpt['config'].get('optimizer', 'adamw'),
                         **{k: ckpt['config'].get(k, globals()[k]) for k in ('lora_rank', 'lora_alpha', 'lora_layers')})
@@ -341,8 +357,11 @@ ckpt = None  # free it
 # -- batches, evaluation, learning-rate schedule --------------------------------------------------------
 def get_batch(split, offsets):
     """tokens at the given start offsets -> x, y of shape (len(offsets), block_size) on the device"""
+    if chat:
+        offsets = chat[split]['starts'][offsets]  # window numbers -> the starts of conversations
     try:
-        return read_batch(splits[split], offsets, block_size, device, model_args['vocab_size'])
+        x, y = read_batch(splits[split], offsets, block_size, device, model_args['vocab_size'])
+        return (x, chat_format.mask_targets(y, chat[split]['mask'], offsets, block_size)) if chat and chat_mask else (x, y)
     except ValueError as e:
         fail(f"{split}.bin in {data_dir} {e}; re-run the dataset's prepare.py or fix --dataset")
 
@@ -361,7 +380,7 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for offsets, weight in eval_offsets(len(splits[split]), block_size, batch_size, eval_iters,
+        for offsets, weight in eval_offsets(n_windows[split], block_size, batch_size, eval_iters,
                                             eval_full and split == 'val', seed, rank, world_size):
             X, Y = get_batch(split, offsets)
             with ctx:
@@ -407,7 +426,7 @@ def save_checkpoint(name):
                          'scaler': scaler.state_dict() if scaler.is_enabled() else None,
                          'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                          'config': config, 'meta': meta, 'sampler': sampler.get_state(), 'rng': rngs,
-                         'bad_steps': int(bad_steps.item()), **({'lora': lora_run} if lora_run else {})},
+                         'bad_steps': int(bad_steps.item()), 'chat': chat_info, **({'lora': lora_run} if lora_run else {})},
                         os.path.join(out_dir, name))
         except OSError as e:
             fail(str(e))
@@ -498,7 +517,7 @@ while True:
         t_window, steps_window = time.time(), 0
 
     # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP / FSDP
-    batches = draw_offsets(sampler, len(splits['train']), block_size, gradient_accumulation_steps, batch_size, rank,
+    batches = draw_offsets(sampler, n_windows['train'], block_size, gradient_accumulation_steps, batch_size, rank,
                            world_size)
     X, Y = get_batch('train', batches[0])
     for micro_step in range(accum_local):
