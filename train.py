@@ -29,7 +29,7 @@ import memory
 from configurator import configure, fail, sources, unused, writable_dir
 from dataprep import gpt2_encoding
 from files import lock_dir
-from model import GPT, GPTConfig
+from model import GPT, GPT2_ARCH, GPTConfig, check_arch
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
@@ -77,6 +77,14 @@ n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
 bias = False  # bias in Linears and LayerNorms (GPT-2 had them; without is a bit better and faster)
 attn_type = 'SM'  # attention: SM, GK, GKpoly-<n>, PA_<act> (see model.py)
+# architecture (model.py, docs/ARCHITECTURE.md; config/modern.py sets the ones that paid): the defaults are GPT-2
+pos_emb = 'learned'  # 'learned' position table, or 'rope' (rotary q and k)
+norm = 'layernorm'  # or 'rmsnorm'
+qk_norm = False  # RMS-normalise q and k per head before attention
+mlp_act = 'gelu'  # or 'relu2' (squared ReLU)
+tie_embeddings = True  # False: the LM head gets its own weights
+logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c)
+zero_init = False  # the blocks' output projections start at zero
 activation_checkpointing = False  # recompute each block in backward: far less activation memory, ~1/3 more compute
 # LoRA (lora.py): train low-rank adapters on a frozen base; the checkpoint holds only them and the base's identity
 lora_rank = 0  # the adapters' rank; 0 = off (every weight trains)
@@ -158,6 +166,10 @@ for ok, what in ((learning_rate > 0, 'learning_rate must be positive'), (min_lr 
                   'hellaswag_limit must be a positive integer or None')):
     if not ok:
         fail(f"{what}; check the flag or config file that sets it")
+try:
+    check_arch(**{k: globals()[k] for k in GPT2_ARCH})
+except ValueError as e:
+    fail(str(e))
 if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
     fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or "
          f"max-autotune-no-cudagraphs")
@@ -287,7 +299,8 @@ try:
                    lora.n_params(n_layer, n_embd, lora_rank, lora_layers) if lora_rank else None)  # before building
         print0(f"initializing a new model from scratch, vocab_size {vocab_size}")
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                              vocab_size=vocab_size, dropout=dropout, attn_type=attn_type))
+                              vocab_size=vocab_size, dropout=dropout, attn_type=attn_type,
+                              **{k: globals()[k] for k in GPT2_ARCH}))
     elif init_from in ('resume', 'finetune'):
         if init_from == 'finetune':
             ckpt_path = os.path.join(finetune_from or out_dir, 'ckpt.pt')
@@ -295,6 +308,7 @@ try:
             ckpt = load_checkpoint(ckpt_path)
         args = ckpt['model_args']  # the same weights, so the same shape (a finetune may change the attention)
         same = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'bias')}
+        same.update({k: args.get(k, v) for k, v in GPT2_ARCH.items()})  # the weights' architecture (older: GPT-2's)
         if init_from == 'resume':
             if bool(ckpt.get('chat')) != bool(chat):
                 fail(f"{ckpt_path} was trained on {'a chat' if ckpt.get('chat') else 'a plain-text'} dataset and "
@@ -313,6 +327,8 @@ try:
         if init_from == 'resume':
             iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     else:
+        take_shape(dict(GPT2_ARCH), init_from, "GPT-2's architecture is fixed: drop the flag, or train from "
+                                               "scratch")  # before any download
         print0(f"initializing from OpenAI GPT-2 weights: {init_from}")
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
         take_shape({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
@@ -475,7 +491,7 @@ def save_checkpoint(name):
         model_state = lora.adapters(raw_model)
     optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
     if master:
-        if not lora_run:
+        if not lora_run and raw_model.config.tie_embeddings:
             model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
         os.makedirs(out_dir, exist_ok=True)
         try:
