@@ -439,8 +439,7 @@ class GPT(nn.Module):
 
     def setup_caches(self, batch_size, dtype=None, length=None):
         """KV caches of batch_size x length positions (block_size by default) in every attention layer (dtype: the
-        weights' by default), and the causal mask they are read through. A decode step reads its whole cache, so
-        generate() sizes it to the tokens it will hold. Kept until clear_caches(), so later calls reuse them (and any
+        weights' by default), and the causal mask they are read through. generate() sizes them by cache_length(). Kept until clear_caches(), so later calls reuse them (and any
         CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
         cfg, w = self.config, self.lm_head.weight
         shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -451,6 +450,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.cache = KVCache(shape, dtype, w.device)
         self.causal_mask = causal_mask(cfg.block_size, cfg.block_size, w.device)
+
+    def cache_length(self, n):
+        """The cache length for n positions: the smallest of block/8, block/4, block/2 and block that holds them (the
+        whole block once the window slides). A decode step reads its whole cache, so a short generation should not
+        read a full block; but every distinct length is a new compiled graph (a cache's shape is static to dynamo,
+        whose recompile limit of 8 fails a fullgraph function outright), so lengths come from this fixed set: at
+        most 4 decode and 4 prefill graphs per batch size, whatever the prompts and lengths asked for."""
+        block = self.config.block_size
+        return next(L for L in (-(-block // 8), -(-block // 4), -(-block // 2), block) if L >= min(n, block))
 
     def clear_caches(self):
         """free the KV caches (training never needs them)"""
@@ -475,7 +483,7 @@ class GPT(nn.Module):
         if use_cache:
             autocast = torch.is_autocast_enabled(device.type)
             self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None,
-                              min(block, T0 + max_new_tokens))  # no longer than the window can get
+                              self.cache_length(T0 + max_new_tokens))
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
@@ -488,8 +496,10 @@ class GPT(nn.Module):
                 logits, _ = self(out[:, start:t])
                 nxt = sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
             elif t - start - cached == 1:  # one new token: the decode step, at the same shapes for every position
-                nxt = decode_fn(self, out[:, t - 1:t], torch.full((1,), t - 1 - start, device=device),
-                                noise, temperature, top_k, top_p)
+                # a contiguous copy: out's row stride (its total length) would be guarded on, one graph per length
+                last = out[:, t - 1:t].clone(memory_format=torch.contiguous_format)
+                nxt = decode_fn(self, last, torch.full((1,), t - 1 - start, device=device), noise, temperature,
+                                top_k, top_p)
             else:  # the prompt, or a slid window: all its tokens in one forward
                 nxt = prefill_fn(self, out[:, start + cached:t], torch.arange(cached, t - start, device=device),
                                  noise, temperature, top_k, top_p)
