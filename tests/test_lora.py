@@ -103,7 +103,7 @@ def test_lora_bad_input(runs):
              (['train.py', *flags, '--lora_rank=4', '--lora_dropout=1.0'], 'lora_dropout must be in [0, 1)'),
              (['train.py', *flags, '--lora_rank=4', '--lora_layers=attn.qkv'], "'attn.qkv', which is not a Linear"),
              (['train.py', '--init_from=resume', f'--out_dir={root / "lora"}', '--lora_rank=8'],
-              "--lora_rank=8 conflicts with the checkpoint's lora_rank=4")]
+              "--lora_rank=8 on the command line conflicts with the checkpoint's lora_rank=4")]
     run_bad_inputs(cases, protect=[root / 'lora', root / 'base'])
     # adapters whose base has changed since (its hash differs): every script that loads the run refuses it
     other = root / 'other'
