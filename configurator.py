@@ -10,6 +10,8 @@ anything that is not a literal is taken as a string (--device=cpu). A key the sc
 or a value of the wrong type, stops the script with one line that names the key and the closest valid ones; so
 does a number that is not finite (1e400 is inf, in a flag or a config file).
 Used by train.py, sample.py, bench.py and the prepare/eval scripts:  configure(globals())
+`sources` then says where each overridden value came from: its --key=value flag, or the config file's path
+(train.py lets a checkpoint's shape win over a config file, but not over a flag the user typed).
 """
 
 import ast
@@ -19,6 +21,7 @@ import os
 import sys
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+sources = {}  # key -> the flag ('--n_layer=4') or config file path that last set it, filled by configure()
 
 
 def fail(msg):
@@ -102,6 +105,7 @@ def configure(g, argv=None, optional=()):
                 if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))
                 and not callable(v)}
     changed = {}
+    sources.clear()
     for arg in (sys.argv[1:] if argv is None else argv):
         if not arg.startswith('--'):
             path = arg if os.path.exists(arg) else os.path.join(CONFIG_DIR, arg + ('' if arg.endswith('.py') else '.py'))
@@ -117,6 +121,7 @@ def configure(g, argv=None, optional=()):
                 if k.startswith('_') or type(v).__name__ == 'module' or callable(v):
                     continue  # the file's own imports and helpers
                 g[k] = changed[k] = _check(k, v, defaults, path, optional)
+                sources[k] = arg if path == arg else os.path.join('config', os.path.basename(path))
         else:
             if '=' not in arg:
                 fail(f"flag '{arg}' needs a value: --key=value")
@@ -128,4 +133,5 @@ def configure(g, argv=None, optional=()):
             if isinstance(defaults.get(key), str) and not isinstance(value, str):
                 value = raw  # --out_dir=123 or --init_from=gpt2 stay strings
             g[key] = changed[key] = _check(key, value, defaults, arg, optional)
+            sources[key] = arg
     return changed

@@ -33,6 +33,7 @@ import numpy as np
 import configurator
 import files
 
+CHAT_FILES = ('chat.json', 'train.mask.bin', 'val.mask.bin', 'train.convs.bin', 'val.convs.bin')  # chat_format.py
 EOT = 50256  # GPT-2's <|endoftext|>: marks where documents meet, so the model learns the boundaries
 pool, pool_size = None, 0  # the tokenizing processes, once started
 unfinished = []  # temp bins of a run that cannot be resumed: removed if it fails
@@ -206,6 +207,7 @@ def write_dataset(out, ids, chars=None, overwrite=False):
     claim(out)
     contents = {f'{split}.bin': np.asarray(v, dtype=np.uint16).tobytes() for split, v in ids.items()}
     contents['meta.json'] = meta_json(chars) if chars is not None else None
+    contents.update({n: None for n in CHAT_FILES})  # a chat dataset's mask and conversations go with the bins they fit
     path = lambda name: os.path.join(out, name)
     if not overwrite and all((open(path(n), 'rb').read() if os.path.isfile(path(n)) else None) == data
                              for n, data in contents.items()):
@@ -265,6 +267,7 @@ def finish_bins(bins, chars=None):
             f.close()
         temps = {f'{split}.bin': os.path.basename(f.name) for split, f in bins.items()}
         temps['meta.json'] = None
+        temps.update({n: None for n in CHAT_FILES})
         if chars is not None:
             temps['meta.json'] = files.temp_name('meta.json')
             unfinished.append(os.path.join(out, temps['meta.json']))

@@ -26,6 +26,7 @@ import torch
 
 from configurator import configure, fail, writable_dir
 from files import sweep, why
+from model import GPT2_ARCH
 from runtime import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -129,6 +130,9 @@ def write_gpt2_tokenizer(path, block_size, enc):
 # the checkpoint, and everything that would stop the export, before anything is written
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
 args = ckpt['model_args']
+if other := [f"{k}={args[k]!r}" for k, v in GPT2_ARCH.items() if args.get(k, v) != v]:
+    fail(f"{', '.join(other)} cannot be exported: this is not GPT-2's architecture, so Hugging Face GPT-2 would load "
+         f"its weights but compute something else")
 if args.get('attn_type', 'SM') != 'SM':
     fail(f"attn_type '{args['attn_type']}' cannot be exported: Hugging Face GPT-2 only has softmax attention "
          f"('SM'), so it would load this model's weights but compute something else")

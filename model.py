@@ -7,6 +7,10 @@ One self-contained GPT-2 language model, nanoGPT style.
 - generate(): a static KV cache written in place, the prompt prefilled at once, then one token per step by a
   function that has the same shapes at every position, so it can be compiled once (CUDA graphs on GPUs)
 - from_pretrained() for the OpenAI checkpoints or any local Hugging Face GPT-2 directory
+- opt-in architecture of the speedrun era (GPTConfig; defaults are GPT-2, bit for bit; scored in docs/ARCHITECTURE.md):
+  pos_emb='rope' (rotary q and k, no position table), norm='rmsnorm', qk_norm (q and k RMS-normalised per head),
+  mlp_act='relu2' (squared ReLU), tie_embeddings=False (a separate LM head), logit_softcap=c (c * tanh(logits / c)),
+  zero_init (every block's output projections start at zero, so each block starts as the identity)
 
 Attention variants (`attn_type`), for query i and causal window j <= i, d = head size:
   SM          w_ij = softmax_j(q_i.k_j / sqrt(d))                          (standard, default)
@@ -48,6 +52,46 @@ def parse_attn_type(attn_type):
     if m and m.group(1) in PA_ACTIVATIONS:
         return 'PA', m.group(1)
     raise ValueError(f"unknown attn_type {attn_type!r}; valid forms: {ATTN_FORMS}")
+
+
+# GPT-2's settings of the architecture flags (GPTConfig): anything else is not a GPT-2 (export, from_pretrained)
+GPT2_ARCH = dict(pos_emb='learned', norm='layernorm', qk_norm=False, mlp_act='gelu', tie_embeddings=True,
+                 logit_softcap=0.0, zero_init=False)
+ARCH_CHOICES = dict(pos_emb=('learned', 'rope'), norm=('layernorm', 'rmsnorm'), mlp_act=('gelu', 'relu2'))
+
+
+def check_arch(**flags):
+    """one clear ValueError for an architecture flag that has no meaning (flags: any of GPT2_ARCH's keys)"""
+    for k, v in flags.items():
+        if k in ARCH_CHOICES and v not in ARCH_CHOICES[k]:
+            raise ValueError(f"unknown {k} {v!r}; use {' or '.join(map(repr, ARCH_CHOICES[k]))}")
+        if k == 'logit_softcap' and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf):
+            raise ValueError(f"logit_softcap must be a number >= 0 (0 = off), got {v!r}")
+        if k in ('qk_norm', 'tie_embeddings', 'zero_init') and not isinstance(v, bool):
+            raise ValueError(f"{k} must be True or False, got {v!r}")
+
+
+def rope_tables(block_size, head_size, base=10000.0):
+    """cos and sin of rotary positions, (block_size, head_size / 2) each: pair i turns by pos * base^(-2i / hs)"""
+    freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angle = torch.outer(torch.arange(block_size, dtype=torch.float32), freq)
+    return angle.cos(), angle.sin()
+
+
+def rotate(x, cos, sin):
+    """rotary embedding of x (B, nh, T, hs) at the positions of cos / sin (T, hs / 2): the two halves of each head
+    are rotated as pairs, so q_i.k_j depends on i - j only. Every attn_type scores through q.k and |k| (rotations keep
+    norms), so rope serves them all"""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def norm_layer(config, size=None):
+    """GPT-2's LayerNorm, or RMSNorm (no mean subtraction, no bias: cheaper, and as good in recent models)"""
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(size or config.n_embd, eps=1e-5)
+    return nn.LayerNorm(size or config.n_embd, bias=config.bias)
 
 
 def gk_poly(s, n):
@@ -129,11 +173,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.kind, self.arg = parse_attn_type(config.attn_type)  # resolved once, not on every call
         self.cache = None  # a KVCache while generating (GPT.setup_caches)
+        if config.qk_norm:  # bounded q.k: no attention logit can blow up, whatever the learning rate does to q and k
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
 
-    def forward(self, x, pos=None, mask=None):
+    def forward(self, x, pos=None, mask=None, rope=None):
         B, T, C = x.size()
         q, k, v = project(self.c_attn, x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if hasattr(self, 'q_norm'):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin) at this call's positions; the cache then holds rotated keys
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if pos is not None:  # decoding: store this step's keys / values, attend over the whole cache under mask
             k, v = self.cache.update(pos, k, v)
         y = attend(q, k, v, self.kind, self.arg, mask, self.dropout if self.training else 0.0)
@@ -147,24 +198,27 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's own GELU; the exact erf form drifts from its weights
+        self.relu2 = config.mlp_act == 'relu2'  # squared ReLU (Primer; modded-nanogpt): sparse, and cheaper than GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(project(self.c_proj, self.gelu(project(self.c_fc, x))))
+        h = project(self.c_fc, x)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(project(self.c_proj, h))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos=None, mask=None):
-        x = x + self.attn(self.ln_1(x), pos, mask)
+    def forward(self, x, pos=None, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -178,6 +232,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     attn_type: str = 'SM'  # see the module docstring
+    # the architecture flags (module docstring); GPT2_ARCH holds GPT-2's values, the defaults
+    pos_emb: str = 'learned'  # 'learned' (a position table) or 'rope' (rotary q and k)
+    norm: str = 'layernorm'  # or 'rmsnorm'
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    mlp_act: str = 'gelu'  # or 'relu2' (squared ReLU)
+    tie_embeddings: bool = True  # False: the LM head has its own weights
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c)
+    zero_init: bool = False  # the blocks' output projections (attention and MLP c_proj) start at zero
 
     def __post_init__(self):
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
@@ -188,6 +250,10 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         parse_attn_type(self.attn_type)
+        check_arch(**{k: getattr(self, k) for k in GPT2_ARCH})
+        if self.pos_emb == 'rope' and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' rotates pairs of each head's dimensions; the head size "
+                             f"{self.n_embd // self.n_head} is odd (n_embd / n_head)")
 
 
 class GPT(nn.Module):
@@ -196,21 +262,29 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         padded_vocab = (config.vocab_size + 63) // 64 * 64
+        learned = config.pos_emb == 'learned'
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(padded_vocab, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if learned else {}),  # GPT-2's order
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm_layer(config),
         ))
+        if not learned:  # rope: fixed tables, not weights (not saved); float32 whatever the model's dtype
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # True: keep only block inputs, recompute the rest in backward
         self.register_buffer('causal_mask', None, persistent=False)  # set with the KV caches (setup_caches)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if pn.endswith('c_proj.weight'):
+            if pn.endswith('c_proj.weight'):  # zero_init: each block starts as the identity (modded-nanogpt)
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:
+                    torch.nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -223,7 +297,7 @@ class GPT(nn.Module):
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embeddings are subtracted by default (token ones are tied to the head)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -236,20 +310,25 @@ class GPT(nn.Module):
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"cannot forward {T} positions, block_size is only {self.config.block_size}")
-            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
-            mask = None
+            positions, mask = torch.arange(T, device=idx.device), None
         else:
-            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            positions = pos
             cache_len = self.transformer.h[0].attn.cache.k.size(2)
             mask = self.causal_mask[pos, :cache_len]  # (T, cache_len): the keys each query may see, stale ones not
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = self.rope_cos[positions], self.rope_sin[positions]
         x = self.transformer.drop(x)
         # activation checkpointing: keep one (B, T, C) input per block instead of all its intermediates, for ~1/3 more compute
         recompute = self.activation_checkpointing and pos is None and torch.is_grad_enabled()
         for block in self.transformer.h:
             if recompute:  # non-reentrant: the RNG is replayed, so dropout masks match the first pass
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, None, rope, use_reentrant=False)
             else:
-                x = block(x, pos, mask)
+                x = block(x, pos, mask, rope)
         return self.head(x, targets)
 
     def head(self, x, targets=None):
@@ -257,16 +336,22 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None:
-            logits = self.lm_head(x)[..., :V]  # a strided view, no copy: the padded columns are never scored
+            logits = self.softcap(self.lm_head(x)[..., :V])  # a strided view, no copy: padded columns never scored
             loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return project(self.lm_head, x[:, -1:, :])[..., :V], None
+        return self.softcap(project(self.lm_head, x[:, -1:, :])[..., :V]), None
+
+    def softcap(self, logits):
+        """logit_softcap c > 0: c * tanh(logits / c), a smooth bound at +-c (Gemma 2; modded-nanogpt)"""
+        c = self.config.logit_softcap
+        return c * torch.tanh(logits / c) if c > 0 else logits
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if 'wpe' in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -354,8 +439,7 @@ class GPT(nn.Module):
 
     def setup_caches(self, batch_size, dtype=None, length=None):
         """KV caches of batch_size x length positions (block_size by default) in every attention layer (dtype: the
-        weights' by default), and the causal mask they are read through. A decode step reads its whole cache, so
-        generate() sizes it to the tokens it will hold. Kept until clear_caches(), so later calls reuse them (and any
+        weights' by default), and the causal mask they are read through. generate() sizes them by cache_length(). Kept until clear_caches(), so later calls reuse them (and any
         CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
         cfg, w = self.config, self.lm_head.weight
         shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -366,6 +450,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.cache = KVCache(shape, dtype, w.device)
         self.causal_mask = causal_mask(cfg.block_size, cfg.block_size, w.device)
+
+    def cache_length(self, n):
+        """The cache length for n positions: the smallest of block/8, block/4, block/2 and block that holds them (the
+        whole block once the window slides). A decode step reads its whole cache, so a short generation should not
+        read a full block; but every distinct length is a new compiled graph (a cache's shape is static to dynamo,
+        whose recompile limit of 8 fails a fullgraph function outright), so lengths come from this fixed set: at
+        most 4 decode and 4 prefill graphs per batch size, whatever the prompts and lengths asked for."""
+        block = self.config.block_size
+        return next(L for L in (-(-block // 8), -(-block // 4), -(-block // 2), block) if L >= min(n, block))
 
     def clear_caches(self):
         """free the KV caches (training never needs them)"""
@@ -390,7 +483,7 @@ class GPT(nn.Module):
         if use_cache:
             autocast = torch.is_autocast_enabled(device.type)
             self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None,
-                              min(block, T0 + max_new_tokens))  # no longer than the window can get
+                              self.cache_length(T0 + max_new_tokens))
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
@@ -403,8 +496,10 @@ class GPT(nn.Module):
                 logits, _ = self(out[:, start:t])
                 nxt = sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
             elif t - start - cached == 1:  # one new token: the decode step, at the same shapes for every position
-                nxt = decode_fn(self, out[:, t - 1:t], torch.full((1,), t - 1 - start, device=device),
-                                noise, temperature, top_k, top_p)
+                # a contiguous copy: out's row stride (its total length) would be guarded on, one graph per length
+                last = out[:, t - 1:t].clone(memory_format=torch.contiguous_format)
+                nxt = decode_fn(self, last, torch.full((1,), t - 1 - start, device=device), noise, temperature,
+                                top_k, top_p)
             else:  # the prompt, or a slid window: all its tokens in one forward
                 nxt = prefill_fn(self, out[:, start + cached:t], torch.arange(cached, t - start, device=device),
                                  noise, temperature, top_k, top_p)

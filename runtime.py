@@ -267,7 +267,11 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt, override_args=None, source='the checkpoint'):
     """GPT built from a checkpoint's model_args (plus overrides such as dropout) with its weights loaded; weights
-    that do not fit the model_args (missing, extra or of another shape) are refused in one line."""
+    that do not fit the model_args (missing, extra or of another shape) are refused in one line. A LoRA run's
+    checkpoint (adapters only) is loaded over its base and merged (lora.py)."""
+    if 'lora' in ckpt:
+        import lora
+        return lora.from_checkpoint(ckpt, override_args, source)
     args = dict(ckpt['model_args'], **(override_args or {}))
     try:
         model = GPT(GPTConfig(**args))

@@ -23,11 +23,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import autobatch
+import chat_format
+import lora
 import memory
-from configurator import configure, fail, unused, writable_dir
+from configurator import configure, fail, sources, unused, writable_dir
 from dataprep import gpt2_encoding
 from files import lock_dir
-from model import GPT, GPTConfig
+from model import GPT, GPT2_ARCH, GPTConfig, check_arch
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
@@ -67,6 +69,7 @@ gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, across al
 batch_size = 12  # micro-batch size per process
 auto_batch = False  # find the largest micro-batch that fits by trial steps; micro-steps set so tokens per step stay
 block_size = 1024
+chat_mask = True  # chat datasets (data/chat/prepare.py): learn only the assistant's tokens; False: every token
 # model
 n_layer = 12
 n_head = 12
@@ -74,7 +77,20 @@ n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
 bias = False  # bias in Linears and LayerNorms (GPT-2 had them; without is a bit better and faster)
 attn_type = 'SM'  # attention: SM, GK, GKpoly-<n>, PA_<act> (see model.py)
+# architecture (model.py, docs/ARCHITECTURE.md; config/modern.py sets the ones that paid): the defaults are GPT-2
+pos_emb = 'learned'  # 'learned' position table, or 'rope' (rotary q and k)
+norm = 'layernorm'  # or 'rmsnorm'
+qk_norm = False  # RMS-normalise q and k per head before attention
+mlp_act = 'gelu'  # or 'relu2' (squared ReLU)
+tie_embeddings = True  # False: the LM head gets its own weights
+logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c)
+zero_init = False  # the blocks' output projections start at zero
 activation_checkpointing = False  # recompute each block in backward: far less activation memory, ~1/3 more compute
+# LoRA (lora.py): train low-rank adapters on a frozen base; the checkpoint holds only them and the base's identity
+lora_rank = 0  # the adapters' rank; 0 = off (every weight trains)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_layers = 'attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj'  # which Linears of every block get adapters
 # optimizer
 optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the weight matrices inside the blocks, AdamW for the rest
 learning_rate = 6e-4  # max learning rate (AdamW's)
@@ -102,6 +118,20 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 overrides = configure(globals())
+flags = {k for k in overrides if sources[k].startswith('--')}  # typed on the command line; the rest came from config files
+
+
+def give_way(keys, to):
+    """one note naming the config-file values that the checkpoint or pretrained weights overrule (flags are refused)"""
+    by_file = {}
+    for k in keys:
+        if k in overrides and k not in flags:
+            by_file.setdefault(sources[k], []).append(f"{k}={overrides[k]!r}")
+    if by_file:
+        said = '; '.join(', '.join(kv) + ' from ' + f for f, kv in by_file.items())
+        print0(f"note: {said} {'give' if sum(map(len, by_file.values())) > 1 else 'gives'} way to {to}", file=sys.stderr)
+
+
 memory.explain_oom("--batch_size or --block_size, or set --activation_checkpointing=True (or train a smaller model)")
 ckpt, ckpt_path = None, None
 if init_from == 'resume':  # continue with the run's own settings, except those given again here
@@ -112,16 +142,18 @@ if init_from == 'resume':  # continue with the run's own settings, except those 
     if missing:
         fail(f"{ckpt_path} cannot be resumed (it has no {missing[0]}); start from its weights with "
              f"--init_from=finetune --finetune_from={out_dir} and a new --out_dir")
-    for k, v in ckpt['config'].items():
-        if k in config_keys and k not in overrides and k not in ('init_from', 'out_dir', 'fsdp', 'overwrite'):
-            globals()[k] = v
+    own = ('init_from', 'out_dir', 'fsdp', 'overwrite', 'eval_only')  # this command's choices, never the run's
+    taken = {k: v for k, v in ckpt['config'].items() if k in config_keys and k not in flags and k not in own}
+    give_way([k for k, v in taken.items() if globals()[k] != v],
+             "the checkpoint's (a resume continues its own run; a --key=value flag changes a setting)")
+    globals().update(taken)
 config = {k: globals()[k] for k in config_keys}  # everything this run was configured with, for the checkpoint
 
 # -- check the settings before anything is started or written -------------------
 for name, least in (('batch_size', 1), ('block_size', 1), ('gradient_accumulation_steps', 1), ('eval_interval', 1),
                     ('log_interval', 1), ('eval_iters', 1), ('max_bad_steps', 1), ('max_iters', 0), ('warmup_iters', 0),
                     ('lr_decay_iters', 1), ('checkpoint_interval', 0), ('sample_interval', 0), ('sample_tokens', 1),
-                    ('num_samples', 1), ('hellaswag_interval', 0)):
+                    ('num_samples', 1), ('hellaswag_interval', 0), ('lora_rank', 0)):
     if globals()[name] < least:
         fail(f"{name} must be an integer >= {least}, got {globals()[name]!r}")
 for ok, what in ((learning_rate > 0, 'learning_rate must be positive'), (min_lr >= 0, 'min_lr must be >= 0'),
@@ -129,10 +161,15 @@ for ok, what in ((learning_rate > 0, 'learning_rate must be positive'), (min_lr 
                  (weight_decay >= 0, 'weight_decay must be >= 0'), (grad_clip >= 0, 'grad_clip must be >= 0 (0 = off)'),
                  (0 <= beta1 < 1 and 0 <= beta2 < 1, 'beta1 and beta2 must be in [0, 1)'),
                  (0 <= seed < 2**31, 'seed must be in [0, 2**31)'),
+                 (lora_alpha > 0, 'lora_alpha must be positive'), (0 <= lora_dropout < 1, 'lora_dropout must be in [0, 1)'),
                  (hellaswag_limit is None or (isinstance(hellaswag_limit, int) and hellaswag_limit > 0),
                   'hellaswag_limit must be a positive integer or None')):
     if not ok:
         fail(f"{what}; check the flag or config file that sets it")
+try:
+    check_arch(**{k: globals()[k] for k in GPT2_ARCH})
+except ValueError as e:
+    fail(str(e))
 if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
     fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or "
          f"max-autotune-no-cudagraphs")
@@ -141,6 +178,9 @@ if optimizer not in ('adamw', 'muon'):
 if auto_batch and fsdp:
     fail("auto_batch=True finds the micro-batch by trial steps on each process's whole model, and FSDP shards it over "
          "the processes: set --batch_size with --fsdp=True")
+if lora_rank and fsdp:
+    fail("lora_rank > 0 with fsdp=True is not supported: a LoRA run holds the frozen base plus small adapters, which "
+         "fits each GPU where full fine-tuning does not; train with DDP (drop --fsdp)")
 if optimizer == 'muon' and fsdp:
     fail("optimizer='muon' orthogonalises each weight matrix's update, which needs the whole matrix, and FSDP shards "
          "them: train with DDP (drop --fsdp) or use --optimizer=adamw")
@@ -182,7 +222,10 @@ for keys, off, why in ((('compile_mode',), not compile, 'with compile off'),
                        (('hellaswag_limit', 'hellaswag_dir'), not hellaswag_interval, 'with hellaswag_interval=0'),
                        (('wandb_project', 'wandb_run_name'), not wandb_log, 'with wandb_log=False'),
                        (('overwrite',), init_from == 'resume', 'with init_from=resume (it continues its own run)'),
-                       (('auto_batch',), eval_only, 'with eval_only=True')):
+                       (('auto_batch',), eval_only, 'with eval_only=True'),
+                       (('lora_alpha', 'lora_dropout', 'lora_layers'), not lora_rank, 'with lora_rank=0'),
+                       (('optimizer', 'muon_lr', 'muon_momentum'), lora_rank and optimizer == 'muon',
+                        'with lora_rank > 0: the adapters train with AdamW (see lora.py)')):
     if off:
         unused(keys, why)
 if fsdp and device_type == 'cpu' and dtype != 'float32':  # its blocks' float32 stream meets bf16 LayerNorm weights
@@ -200,6 +243,16 @@ wandb = check_wandb() if wandb_log and master and not eval_only else None
 # -- data: train.bin / val.bin are uint16 token ids, memmapped once ----------------------
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 splits, meta = open_token_files(data_dir, dataset, block_size)  # meta: a char vocabulary, or None for GPT-2 BPE
+chat, chat_info, chat_note = chat_format.open_dataset(data_dir, splits, block_size)  # None: plain text
+if chat:
+    print0(chat_note)
+else:
+    unused(('chat_mask',), 'on a plain-text dataset')
+if chat and eval_full:
+    fail("eval_full=True is for plain-text datasets (it scores every block once); a chat dataset is evaluated on "
+         "random conversations: drop --eval_full")
+# windows to draw per split: for a chat dataset, its conversations (a window number is looked up in get_batch)
+n_windows = {s: len(chat[s]['starts']) + block_size + 1 if chat else len(t) for s, t in splits.items()}
 if hellaswag_interval:  # examples (downloaded once) are checked now, before any file is touched
     if meta:
         fail("hellaswag_interval needs a GPT-2 BPE model; this dataset is char-level: set --hellaswag_interval=0")
@@ -217,29 +270,37 @@ elif sample_interval:
     encode, decode = enc.encode_ordinary, enc.decode
 
 # -- the model -----------------------------------------------------------------
-def refuse_contradictions(have, source, fix):
-    """a flag given here that contradicts the weights being loaded is a mistake, not a request: one line"""
-    for k, v in have.items():
-        if k in overrides and overrides[k] != v:
-            fail(f"--{k}={overrides[k]!r} conflicts with {source}'s {k}={v!r}; {fix}")
+def take_shape(have, source, fix):
+    """the weights being loaded fix these settings: a value from a config file (or a default) gives way, with a
+    note; a flag typed on the command line that contradicts them is a mistake, not a request: one line"""
+    differ = [k for k, v in have.items() if globals()[k] != v]
+    for k in differ:
+        if k in flags:
+            fail(f"{sources[k]} on the command line conflicts with {source}'s {k}={have[k]!r}; {fix}")
+    give_way(differ, f"{source}'s")
+    globals().update(have)
+    config.update(have)
 
 
-def check_fits(n_params, n_layer, n_embd, vocab_size):
+def check_fits(n_params, n_layer, n_embd, vocab_size, trainable=None):
     """one line, before anything is allocated or written, when the least memory the run needs exceeds the device's"""
     memory.check(memory.training(n_params, n_layer, n_embd, block_size, vocab_size, 1 if auto_batch else batch_size,
                                  dtype, None if eval_only else optimizer, world_size if fsdp else 1,
-                                 activation_checkpointing, gradient_accumulation_steps + eval_iters), device, 'train.py')
+                                 activation_checkpointing, gradient_accumulation_steps + eval_iters, trainable),
+                 device, 'train.py')
 
 
 torch.manual_seed(seed)  # the same initial weights on every process
-iter_num, best_val_loss = 0, 1e9
+iter_num, best_val_loss, lora_run = 0, 1e9, None
 try:
     if init_from == 'scratch':
         vocab_size = meta['vocab_size'] if meta else 50257
-        check_fits(memory.params(n_layer, n_embd, block_size, vocab_size), n_layer, n_embd, vocab_size)  # before building
+        check_fits(memory.params(n_layer, n_embd, block_size, vocab_size), n_layer, n_embd, vocab_size,
+                   lora.n_params(n_layer, n_embd, lora_rank, lora_layers) if lora_rank else None)  # before building
         print0(f"initializing a new model from scratch, vocab_size {vocab_size}")
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                              vocab_size=vocab_size, dropout=dropout, attn_type=attn_type))
+                              vocab_size=vocab_size, dropout=dropout, attn_type=attn_type,
+                              **{k: globals()[k] for k in GPT2_ARCH}))
     elif init_from in ('resume', 'finetune'):
         if init_from == 'finetune':
             ckpt_path = os.path.join(finetune_from or out_dir, 'ckpt.pt')
@@ -247,31 +308,53 @@ try:
             ckpt = load_checkpoint(ckpt_path)
         args = ckpt['model_args']  # the same weights, so the same shape (a finetune may change the attention)
         same = {k: args[k] for k in ('n_layer', 'n_head', 'n_embd', 'bias')}
+        same.update({k: args.get(k, v) for k, v in GPT2_ARCH.items()})  # the weights' architecture (older: GPT-2's)
         if init_from == 'resume':
+            if bool(ckpt.get('chat')) != bool(chat):
+                fail(f"{ckpt_path} was trained on {'a chat' if ckpt.get('chat') else 'a plain-text'} dataset and "
+                     f"{data_dir} holds {'a chat' if chat else 'a plain-text'} one; resume on its own kind of data, or "
+                     f"start a new run from it with --init_from=finetune")
             same.update(attn_type=args['attn_type'], block_size=args['block_size'],
-                        optimizer=ckpt['config'].get('optimizer', 'adamw'))
-        refuse_contradictions(same, 'the checkpoint', "drop the flag, or start a new run with init_from='finetune' "
-                                                      "and a new out_dir")
-        model = model_from_checkpoint(ckpt, {'dropout': dropout, 'attn_type': attn_type if 'attn_type' in overrides
-                                             else args['attn_type']}, ckpt_path)
+                        optimizer=ckpt['config'].get('optimizer', 'adamw'),
+                        **{k: ckpt['config'].get(k, globals()[k]) for k in ('lora_rank', 'lora_alpha', 'lora_layers')})
+        take_shape(same, 'the checkpoint', "drop the flag, or start a new run with init_from='finetune' and a new "
+                                           "out_dir" if init_from == 'resume' else "drop the flag")
+        keep = {'dropout': dropout, 'attn_type': attn_type if 'attn_type' in overrides else args['attn_type']}
+        if init_from == 'resume' and 'lora' in ckpt:  # the adapters over their base, unmerged: they train on
+            model, lora_run = lora.from_checkpoint(ckpt, keep, ckpt_path, merge_adapters=False), ckpt['lora']
+        else:  # (a finetune from a LoRA run starts from its merged weights)
+            model = model_from_checkpoint(ckpt, keep, ckpt_path)
         if init_from == 'resume':
             iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     else:
+        take_shape(dict(GPT2_ARCH), init_from, "GPT-2's architecture is fixed: drop the flag, or train from "
+                                               "scratch")  # before any download
         print0(f"initializing from OpenAI GPT-2 weights: {init_from}")
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attn_type=attn_type))
-        refuse_contradictions({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
-                              init_from, "a pretrained model's shape is fixed: drop the flag")
+        take_shape({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')},
+                   init_from, "a pretrained model's shape is fixed: drop the flag")
         refuse_non_finite(model.state_dict(), init_from, 'weights')
 except (ValueError, OSError) as e:
     fail(str(e))
+if block_size > model.config.block_size and 'block_size' not in flags:  # a config file's (or the default) context
+    give_way(['block_size'], f"the model's block_size={model.config.block_size}")
+    block_size = config['block_size'] = model.config.block_size
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}; use --block_size<="
          f"{model.config.block_size}")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
+if lora_rank and lora_run is None:  # adapters on the base as it is now (cropped): its hash is what they belong to
+    layers = lora.check_layers(model, lora_layers)
+    base = lora.base_identity(model, f"scratch:{seed}" if init_from == 'scratch' else
+                              f"run:{finetune_from or out_dir}" if init_from == 'finetune' else init_from)
+    lora.apply(model, lora_rank, lora_alpha, lora_dropout, layers)
+    lora_run = {'rank': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout, 'layers': list(layers), 'base': base}
 model_args = asdict(model.config)
 model.activation_checkpointing = activation_checkpointing
-check_fits(sum(p.numel() for p in model.parameters()), model_args['n_layer'], model_args['n_embd'], model_args['vocab_size'])
+check_fits(sum(p.numel() for p in model.parameters()), model_args['n_layer'], model_args['n_embd'], model_args['vocab_size'],
+           sum(p.numel() for p in model.parameters() if p.requires_grad))
 if meta and meta['vocab_size'] != model.config.vocab_size:
     fail(f"dataset vocab ({meta['vocab_size']}) differs from the model's ({model.config.vocab_size}); "
          f"a char-level dataset needs a model trained on it")
@@ -326,7 +409,8 @@ peak = device_peak_flops(device, dtype)  # for MFU: None on CPU and unknown GPUs
 # -- optimizer: made after sharding, so under FSDP it updates only this process's shards ----------------
 # (fused AdamW everywhere, FSDP in float16 included: step_optimizers hands it its found_inf, not the sharded scaler)
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                            muon_lr=muon_lr if optimizer == 'muon' else None, muon_momentum=muon_momentum)
+                                            muon_lr=muon_lr if optimizer == 'muon' and not lora_run else None,
+                                            muon_momentum=muon_momentum)
 scaler = grad_scaler(device_type, dtype, sharded=fsdp)
 if init_from == 'resume':
     load_optimizer_state(raw_model, optimizers, ckpt['optimizer'], fsdp, ckpt_path)
@@ -348,8 +432,11 @@ ckpt = None  # free it
 # -- batches, evaluation, learning-rate schedule --------------------------------------------------------
 def get_batch(split, offsets):
     """tokens at the given start offsets -> x, y of shape (len(offsets), block_size) on the device"""
+    if chat:
+        offsets = chat[split]['starts'][offsets]  # window numbers -> the starts of conversations
     try:
-        return read_batch(splits[split], offsets, block_size, device, model_args['vocab_size'])
+        x, y = read_batch(splits[split], offsets, block_size, device, model_args['vocab_size'])
+        return (x, chat_format.mask_targets(y, chat[split]['mask'], offsets, block_size)) if chat and chat_mask else (x, y)
     except ValueError as e:
         fail(f"{split}.bin in {data_dir} {e}; re-run the dataset's prepare.py or fix --dataset")
 
@@ -368,7 +455,7 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for offsets, weight in eval_offsets(len(splits[split]), block_size, batch_size, eval_iters,
+        for offsets, weight in eval_offsets(n_windows[split], block_size, batch_size, eval_iters,
                                             eval_full and split == 'val', seed, rank, world_size):
             X, Y = get_batch(split, offsets)
             with ctx:
@@ -402,16 +489,20 @@ def save_checkpoint(name):
         rngs = [rng_state(device_type)]
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # under FSDP: gathered to rank 0's CPU
     model_state = get_model_state_dict(raw_model, options=options) if fsdp else raw_model.state_dict()
+    if lora_run:  # the adapters alone, and what identifies the base they belong to
+        model_state = lora.adapters(raw_model)
     optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
     if master:
-        model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
+        if not lora_run and raw_model.config.tie_embeddings:
+            model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file
         os.makedirs(out_dir, exist_ok=True)
         try:
             save_atomic({'model': model_state, 'optimizer': optimizer_state,
                          'scaler': scaler.state_dict() if scaler.is_enabled() else None,
                          'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                          'config': config, 'meta': meta, 'sampler': sampler.get_state(), 'rng': rngs,
-                         'bad_steps': int(bad_steps.item())}, os.path.join(out_dir, name))
+                         'bad_steps': int(bad_steps.item()), 'chat': chat_info, **({'lora': lora_run} if lora_run else {})},
+                        os.path.join(out_dir, name))
         except OSError as e:
             fail(str(e))
         if name == 'ckpt.pt' and os.path.exists(os.path.join(out_dir, 'ckpt_last.pt')):
@@ -446,7 +537,9 @@ if master and not eval_only:
 
 print0(f"tokens per step: {tokens_per_iter:,} ({world_size} process(es) x {accum_local} micro-steps x "
        f"{batch_size} x {block_size}); device {device}, dtype {dtype}, compile {compile}, optimizer {optimizer}")
-print0(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, attn_type {model_args['attn_type']}")
+print0(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, attn_type {model_args['attn_type']}" +
+       (f", LoRA rank {lora_run['rank']} on {','.join(lora_run['layers'])}: "
+        f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.3f}M trainable" if lora_run else ''))
 
 # -- training loop ---------------------------------------------------------------------
 # dt, tokens/s and MFU cover only the steps timed in each window: evals, checkpoints, samples and the first step
@@ -500,7 +593,7 @@ while True:
         t_window, steps_window = time.time(), 0
 
     # one optimizer step: accum_local micro-steps here, gradients averaged over processes by DDP / FSDP
-    batches = draw_offsets(sampler, len(splits['train']), block_size, gradient_accumulation_steps, batch_size, rank,
+    batches = draw_offsets(sampler, n_windows['train'], block_size, gradient_accumulation_steps, batch_size, rank,
                            world_size)
     X, Y = get_batch('train', batches[0])
     for micro_step in range(accum_local):

@@ -172,3 +172,24 @@ def test_batched_muon_matches_torch_muon():
         assert (p - q).norm() < 0.02 * (q - p0).norm() and (p - q).abs().max() < 0.05 * moved, p.shape
     with pytest.raises(ValueError, match='2-D'):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_compiled_generate_bounded_graphs_over_many_lengths():
+    """a long-lived process (a notebook, a chat whose history grows) asking for 14 different (prompt, n): the caches
+    come in 4 lengths, so at most 4 decode + 4 prefill graphs, never dynamo's recompile limit (8, a hard failure
+    under fullgraph), and every call gives eager's tokens"""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=64, bias=False)).eval()
+    pairs = [(1, 3), (2, 5), (3, 9), (5, 4), (7, 12), (4, 20), (9, 14), (11, 25), (6, 33), (20, 21), (13, 40),
+             (30, 30), (2, 61), (40, 50)]  # totals 4..90: every cache length, and slides past the block
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (1, T), generator=g) for T, _ in pairs]
+
+    def run_all():
+        return [model.generate(p, n, temperature=0, compile=True) for p, (_, n) in zip(prompts, pairs)]
+
+    compiled, graphs, breaks = compile_counts(run_all)  # raised FailOnRecompileLimitHit on the 9th length before
+    assert graphs <= 8 and breaks == 0, (graphs, breaks)
+    assert {model.cache_length(T + n) for T, n in pairs} == {8, 16, 32, 64}
+    for c, p, (_, n) in zip(compiled, prompts, pairs):
+        assert torch.equal(c, model.generate(p, n, temperature=0))

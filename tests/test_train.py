@@ -145,13 +145,15 @@ def test_configurator_errors_are_one_line(char_data, tmp_path):
 
 def test_config_by_bare_name_and_flags_override(monkeypatch):
     sys.path.insert(0, REPO)
-    from configurator import configure
+    from configurator import configure, sources
     g = dict(out_dir='out', eval_only=False, init_from='scratch', batch_size=1, learning_rate=1e-3, compile=None,
              eval_iters=1, wandb_log=False)
     configure(g, ['eval_gpt2_xl', '--batch_size=4', '--learning_rate=1', '--compile=False'])
     assert g['init_from'] == 'gpt2-xl' and g['eval_only'] is True
     assert g['batch_size'] == 4 and g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
     assert g['compile'] is False
+    # where each value came from: train.py lets a checkpoint overrule a config file's shape, never a typed flag
+    assert sources['init_from'] == os.path.join('config', 'eval_gpt2_xl.py') and sources['batch_size'] == '--batch_size=4'
 
 
 def test_activation_checkpointing_trains_identically(char_data, tmp_path):
