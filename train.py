@@ -373,9 +373,11 @@ if auto_batch and not eval_only:  # before compile and DDP: trials run eager, ea
     per_seq = memory.training(n_params, model_args['n_layer'], model_args['n_embd'], block_size,
                               model_args['vocab_size'], 1, dtype, optimizer, 1, activation_checkpointing)
     per_seq = per_seq['one micro-batch'][0]  # off CUDA, trials stay below half the memory: no kernel OOM kill
-    # held aside during trials: AdamW's two moments (Muon's one momentum is less), DDP's gradient buckets
+    # held aside during trials: AdamW's two moments (Muon's one momentum is less), DDP's gradient buckets, and a
+    # twentieth of the memory for what a trial does not hold (the optimizer's temporaries, fragmentation)
+    reserve = (8 + 4 * ddp) * n_params + memory.device_memory(device) // 20
     batch_size = autobatch.choose(model, accum_local * batch_size, block_size, model_args['vocab_size'], device,
-                                  autocast(device_type, dtype), (8 + 4 * ddp) * n_params, ddp=ddp, log=print0,
+                                  autocast(device_type, dtype), reserve, ddp=ddp, log=print0,
                                   limit=None if device_type == 'cuda' else memory.device_memory(device) // (2 * per_seq))
     if not batch_size:
         print0(f"error: auto_batch=True: not even one sequence of block_size {block_size} fits this device's memory "
