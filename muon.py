@@ -6,7 +6,8 @@ matrix moves by about the same amount.
 
 The same rule as torch.optim.Muon (momentum buffer B = mu B + g, update g + mu B, five quintic iterations in
 bfloat16, lr scaled by sqrt(max(1, rows / cols)), decoupled weight decay lr * wd); tests/test_fast_paths.py checks
-they agree. The difference is speed: matrices of one shape are orthogonalised together, as one batch. A GPT has only
+they agree. The iterations run in bfloat16 only where the device computes it natively, in float32 elsewhere
+(runtime.choose_ns_dtype: a CPU without AVX512-BF16 or AMX emulates bfloat16 matmuls, several times slower). The difference is speed: matrices of one shape are orthogonalised together, as one batch. A GPT has only
 four shapes of block matrix however deep it is (three once the tall ones are transposed), so a step runs 3 x 10
 batched matmuls instead of 4 x n_layer x 15 small ones: on the CPU baby recipe a step takes 6.4-7.4 ms instead of
 torch.optim.Muon's 9.7-11.3 (docs/BENCHMARKS.md), and on a GPU there are that many fewer kernel launches.
@@ -17,11 +18,11 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic whose slope at 0 is as steep as it can be and still converge
 
 
-def orthogonalize(X, steps=5, eps=1e-7):
-    """a batch of wide matrices (n, rows <= cols) -> approximately U V^T of each one's SVD: Newton-Schulz in bfloat16,
+def orthogonalize(X, steps=5, eps=1e-7, dtype=torch.bfloat16):
+    """a batch of wide matrices (n, rows <= cols) -> approximately U V^T of each one's SVD: Newton-Schulz in `dtype`,
     each iteration two batched matmuls with their scalars fused in (baddbmm)"""
     a, b, c = NS_COEFFICIENTS
-    X = X.bfloat16()
+    X = X.to(dtype)
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT  # the Gram matrix of the shorter side
@@ -31,8 +32,9 @@ def orthogonalize(X, steps=5, eps=1e-7):
 
 class Muon(torch.optim.Optimizer):
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, ns_dtype=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # None: bfloat16 where the device computes it natively, else float32 (runtime.ns_dtype)
         if any(p.dim() != 2 for g in self.param_groups for p in g['params']):
             raise ValueError("Muon orthogonalises 2-D weight matrices only; give the other parameters to AdamW")
         # like fused AdamW, step() reads found_inf (and grad_scale) set by runtime.step_optimizers or a GradScaler
@@ -63,8 +65,11 @@ class Muon(torch.optim.Optimizer):
             for p, u in zip(params, updates):
                 tall = p.size(0) > p.size(1)
                 batches.setdefault(tuple((u.mT if tall else u).shape), []).append((p, u.mT if tall else u, tall))
+            if self.ns_dtype is None:
+                from runtime import ns_dtype
+                self.ns_dtype = ns_dtype(params[0].device)
             for batch in batches.values():
-                O = orthogonalize(torch.stack([u for _, u, _ in batch]), group['ns_steps'])
+                O = orthogonalize(torch.stack([u for _, u, _ in batch]), group['ns_steps'], dtype=self.ns_dtype)
                 for (p, _, tall), o in zip(batch, O.unbind(0)):
                     # as in torch.optim.Muon: a tall matrix's orthogonal update is smaller per entry, scale it up
                     scale = max(1.0, p.size(0) / p.size(1)) ** 0.5

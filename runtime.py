@@ -120,6 +120,22 @@ def choose_dtype(requested, device_type, bf16_native=True):
     return requested
 
 
+def choose_ns_dtype(device_type, bf16_native):
+    """the dtype of Muon's Newton-Schulz matmuls: bfloat16 where the device multiplies it natively (the iteration
+    tolerates its precision, and it halves the traffic), float32 elsewhere: a CPU without AVX512-BF16 or AMX converts
+    every element, and there a bfloat16 matmul runs 8-10x slower than a float32 one (reported on an AVX2-only AMD
+    Zen 2, where Muon's step took 14x AdamW's with bfloat16 iterations)"""
+    if device_type not in ('cuda', 'cpu', 'mps'):
+        raise ValueError(f"unknown device type '{device_type}'")
+    return 'bfloat16' if bf16_native else 'float32'
+
+
+def cpu_bf16_native(flags):
+    """a CPU computes bfloat16 in hardware with AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake+) or AMX (Sapphire
+    Rapids+); flags as /proc/cpuinfo names them. Others (AVX2-only x86, Arm as torch uses it here) emulate it."""
+    return bool({'avx512_bf16', 'amx_bf16'} & set(flags))
+
+
 def choose_compile(requested, device_type, capability=None):
     """torch.compile or not: None (auto) = on for CUDA GPUs that Triton supports (compute capability 7.0+), off on
     CPU and MPS, where compiling costs more than it saves for most runs (measured in docs/BENCHMARKS.md)."""
@@ -176,7 +192,25 @@ def bf16_native(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)  # the default counts slow emulation
     if device.type == 'mps':
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    return True
+    return cpu_bf16_native(cpu_flags())
+
+
+def cpu_flags():
+    """this CPU's feature flags: /proc/cpuinfo's (Linux), and torch's own probes where it has them (any OS)"""
+    flags = set()
+    try:
+        flags.update(next((l.split(':', 1)[1].split() for l in open('/proc/cpuinfo') if l.startswith('flags')), []))
+    except OSError:
+        pass
+    for flag, probe in (('avx512_bf16', '_is_avx512_bf16_supported'), ('amx_bf16', '_is_amx_tile_supported')):
+        if getattr(torch.cpu, probe, lambda: False)():
+            flags.add(flag)
+    return flags
+
+
+def ns_dtype(device):
+    """Muon's Newton-Schulz dtype on this device (choose_ns_dtype)"""
+    return getattr(torch, choose_ns_dtype(device.type, bf16_native(device)))
 
 
 def pick_dtype(requested, device):

@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths, the optional ../shared data, and offline tiktoken."""
+"""Shared test fixtures: paths, the optional ../shared data, offline tiktoken, and how scripts are run."""
 import os
 import string
 import subprocess
@@ -10,7 +10,21 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+R50K_FILE = '0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4'  # tiktoken's cache name for r50k_base (sha1 of its URL)
+
+
+def find_tiktoken_cache():
+    """a folder holding GPT-2's BPE, searched as tiktoken searches (so as the scripts find it): $TIKTOKEN_CACHE_DIR,
+    $DATA_GYM_CACHE_DIR, the temp dir's data-gym-cache; then this project's ../shared/tiktoken_cache. None if none has it"""
+    import tempfile
+    for d in (os.environ.get('TIKTOKEN_CACHE_DIR'), os.environ.get('DATA_GYM_CACHE_DIR'),
+              os.path.join(tempfile.gettempdir(), 'data-gym-cache'), os.path.join(SHARED, 'tiktoken_cache')):
+        if d and os.path.isfile(os.path.join(d, R50K_FILE)):
+            return d
+    return None
+
+
+TIKTOKEN_CACHE = find_tiktoken_cache()
 sys.path.insert(0, REPO)
 
 
@@ -37,9 +51,10 @@ def _one_thread():
 
 @pytest.fixture
 def tiktoken_offline(monkeypatch):
-    """Make tiktoken.get_encoding('r50k_base') work offline from ../shared, or skip."""
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip("no ../shared/tiktoken_cache: GPT-2 BPE cannot be loaded offline")
+    """Make tiktoken.get_encoding('r50k_base') work offline from the cache the scripts would use, or skip."""
+    if not TIKTOKEN_CACHE:
+        pytest.skip("GPT-2's BPE is not cached here: set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds r50k_base "
+                    "(see the README's offline set-up) to run this test")
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
     return TIKTOKEN_CACHE
 
@@ -142,6 +157,14 @@ def run_script(*args, cwd=REPO, env=None, timeout=600, check=True, fork=False):
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def logged(out_dir, key='loss'):
+    """{step: value} of `key` from a run's log.jsonl, at full precision (the printed log line rounds to 4 decimals,
+    so two runs 1e-6 apart can print values 1e-4 apart: compare these, never the printout)"""
+    import json
+    records = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return {r['iter']: r[key] for r in records if r.get(key) is not None}
 
 
 def full_disk(limit):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script, write_char_dataset
+from conftest import REPO, logged, run_script, write_char_dataset
 from runtime import draw_offsets
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=4',
@@ -42,15 +42,15 @@ sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as if train.py ha
 runpy.run_path(sys.argv[0], run_name='__main__')
 '''
 
+# FSDP and one process differ only in the order float32 gradients are summed (reduce-scatter vs one sum): compared at
+# full precision from log.jsonl, never the 4-decimal printout. Measured (AMD EPYC, torch 2.13, the runs fixture):
+# 2.4e-7 at most, train and val; the bound leaves ~80x for other CPUs' kernels.
+TOL_FSDP = 2e-5
+
 
 def step_losses(stdout):
     return {int(l.split()[1]): float(l.split('| loss ')[1].split()[0]) for l in stdout.splitlines()
             if l.startswith('step ') and '| loss' in l}
-
-
-def eval_losses(stdout):
-    return {int(l.split()[1][:-1]): float(l.split('val loss ')[1].split(',')[0]) for l in stdout.splitlines()
-            if l.startswith('step ') and 'val loss' in l}
 
 
 def load(out):
@@ -128,12 +128,13 @@ def test_two_torchrun_ranks_read_disjoint_halves(runs):
 
 
 def test_fsdp_trains_like_one_process(runs):
-    l1, l2 = step_losses(runs['one'].stdout), step_losses(runs['fsdp'].stdout)
-    assert len(l2) == 8
-    for k in l2:
-        assert abs(l1[k] - l2[k]) < 1e-4, (k, l1[k], l2[k])
-    e1, e2 = eval_losses(runs['one'].stdout), eval_losses(runs['fsdp'].stdout)
-    assert abs(e1[4] - e2[4]) < 1e-4 and abs(e1[8] - e2[8]) < 1e-4 and e2[4] < e2[0] - 0.3  # it learns
+    one, fsdp = runs['base'] / 'one', runs['base'] / 'fsdp'
+    l1, l2 = logged(one), logged(fsdp)
+    assert sorted(l2) == list(range(1, 9))
+    for k in l2:  # see TOL_FSDP
+        assert abs(l1[k] - l2[k]) < TOL_FSDP, (k, l1[k], l2[k])
+    e1, e2 = logged(one, 'val_loss'), logged(fsdp, 'val_loss')
+    assert abs(e1[4] - e2[4]) < TOL_FSDP and abs(e1[8] - e2[8]) < TOL_FSDP and e2[4] < e2[0] - 0.3  # it learns
     assert '2 process(es) x 2 micro-steps' in runs['fsdp'].stdout
     assert 'Warning' not in runs['fsdp'].stderr, runs['fsdp'].stderr  # no warning a user would have to look into
     # the checkpoint is the same as one process writes: full weights (tied ones share a tensor)
@@ -163,6 +164,7 @@ def test_fsdp_resume_is_exact(runs, tmp_path):
     p = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
                    '--init_from=resume', f'--out_dir={tmp_path / "r"}', '--fsdp=True')
     assert {k: v for k, v in step_losses(runs['fsdp'].stdout).items() if k > 4} == step_losses(p.stdout)
+    assert logged(tmp_path / 'r') == logged(runs['base'] / 'fsdp')  # every step's loss, to the last bit
     a, b = load(runs['base'] / 'fsdp'), load(tmp_path / 'r')
     assert b['iter_num'] == 8 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     for name, state in a['optimizer']['state'].items():
@@ -176,12 +178,11 @@ def test_checkpoints_move_between_fsdp_and_one_process(runs, tmp_path):
     second = run_script('train.py', '--init_from=resume', f'--out_dir={out}', '--max_iters=8')
     third = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
                        '--init_from=resume', f'--out_dir={out}', '--max_iters=12', '--fsdp=True')
-    first = {k: v for k, v in step_losses(runs['fsdp'].stdout).items() if k <= 4}
-    chained = {**first, **step_losses(second.stdout), **step_losses(third.stdout)}
-    straight = step_losses(runs['one'].stdout)
+    assert sorted(step_losses(second.stdout)) == [5, 6, 7, 8] and sorted(step_losses(third.stdout)) == [9, 10, 11, 12]
+    chained, straight = logged(out), logged(runs['base'] / 'one')  # the chain's log: FSDP's 1-4, then each resume's
     assert sorted(chained) == sorted(straight) == list(range(1, 13))
-    for k in straight:
-        assert abs(chained[k] - straight[k]) < 1e-4, (k, chained[k], straight[k])
+    for k in straight:  # see TOL_FSDP
+        assert abs(chained[k] - straight[k]) < TOL_FSDP, (k, chained[k], straight[k])
     a, b = load(runs['base'] / 'one'), load(out)
     assert b['iter_num'] == 12
     for k in a['model']:

@@ -156,7 +156,7 @@ def test_batched_muon_matches_torch_muon():
     shapes = [(96, 32), (32, 32), (128, 32), (32, 128)] * 2
     ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.05)
+    a = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.05, ns_dtype=torch.bfloat16)  # torch's rule, any CPU
     b = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.05, nesterov=True)
     start = [p.detach().clone() for p in ours]
     for _ in range(5):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import runtime
-from runtime import choose_compile, choose_device, choose_dtype, grad_scaler, peak_flops
+from runtime import (choose_compile, choose_device, choose_dtype, choose_ns_dtype, cpu_bf16_native, grad_scaler,
+                     peak_flops)
 
 cuda = lambda i: torch.device('cuda', i)
 
@@ -84,6 +85,41 @@ def test_choose_dtype_and_scaler(args, want):
         return
     assert choose_dtype(*args) == want
     assert grad_scaler('cpu', want).is_enabled() == (want == 'float16')  # built for cpu here: no GPU to build on
+
+
+# Muon's Newton-Schulz dtype: (CPU flags as /proc/cpuinfo names them, or a GPU's bf16 fact) -> dtype
+ZEN2 = 'fpu sse2 avx avx2 fma sha_ni'.split()  # AVX2 only: bf16 emulated (issue 25: Muon 14x slower per step)
+ZEN4 = ZEN2 + 'avx512f avx512bw avx512_bf16'.split()  # this repo's CI machine (AMD EPYC): native bf16 dot products
+SAPPHIRE_RAPIDS = ZEN2 + 'avx512f avx512_bf16 amx_tile amx_bf16 amx_int8'.split()
+SKYLAKE_SP = ZEN2 + 'avx512f avx512bw avx512_vnni'.split()  # AVX-512 but no bf16 instructions
+GRAVITON3 = 'fp asimd sve bf16 i8mm'.split()  # Arm's bf16 flag: not taken (torch's CPU matmul path is not measured)
+
+
+@pytest.mark.parametrize('flags, device_type, bf16, want', [
+    (ZEN2, 'cpu', False, 'float32'),
+    (ZEN4, 'cpu', True, 'bfloat16'),
+    (SAPPHIRE_RAPIDS, 'cpu', True, 'bfloat16'),
+    (SKYLAKE_SP, 'cpu', False, 'float32'),
+    (GRAVITON3, 'cpu', False, 'float32'),
+    ([], 'cpu', False, 'float32'),  # no /proc/cpuinfo (macOS) and no torch probe: the safe choice
+    (None, 'cuda', True, 'bfloat16'),  # A100, H100, H200, L4
+    (None, 'cuda', False, 'float32'),  # V100, T4: bf16 emulated
+    (None, 'mps', True, 'bfloat16'),  # macOS 14+
+    (None, 'mps', False, 'float32'),
+])
+def test_choose_ns_dtype(flags, device_type, bf16, want):
+    if flags is not None:
+        assert cpu_bf16_native(flags) is bf16
+    assert choose_ns_dtype(device_type, bf16) == want
+    with pytest.raises(ValueError, match="unknown device type 'xla'"):
+        choose_ns_dtype('xla', True)
+
+
+def test_ns_dtype_on_this_machine():
+    """the facts read here feed the same table: bfloat16 exactly where this CPU has AVX512-BF16 or AMX"""
+    flags = runtime.cpu_flags()
+    assert runtime.ns_dtype(torch.device('cpu')) == (torch.bfloat16 if {'avx512_bf16', 'amx_bf16'} & flags
+                                                     else torch.float32)
 
 
 @pytest.mark.parametrize('args, want', [
