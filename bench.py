@@ -7,6 +7,8 @@ $ python bench.py --activation_checkpointing=True --compile_mode=max-autotune   
 $ python bench.py --mode=sample           # generation: no cache vs static KV cache vs compiled, against the bound
 $ python bench.py --mode=data             # tokenising with 1 process vs a pool; batches from the memmap
 $ python bench.py --mode=eval             # val-loss tokens/s; HellaSwag examples/s one at a time vs batched
+$ python bench.py --mode=finetune_memory --n_layer=48 --n_head=25 --n_embd=1600 --bias=True --batch_size=1 \
+      --block_size=256 --iters=2     # gpt2-xl fine-tuning, full AdamW vs LoRA: train.py's peak memory by component
 """
 
 import itertools
@@ -28,7 +30,7 @@ from model import GPT, GPTConfig
 from runtime import autocast, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch, sync
 
 # -----------------------------------------------------------------------------
-mode = 'train'  # 'train', 'sample', 'data' or 'eval' (see above)
+mode = 'train'  # 'train', 'sample', 'data', 'eval' or 'finetune_memory' (see above)
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -57,11 +59,14 @@ device = 'auto'
 dtype = 'auto'
 compile = None  # None = on for CUDA, off elsewhere
 compile_mode = 'default'  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+lora_rank = 16  # finetune_memory mode: the LoRA run's rank (adapters on every Linear of the blocks)
 # -----------------------------------------------------------------------------
 configure(globals())
 memory.explain_oom("--batch_size or --block_size (or --sample_batch / --max_new_tokens in sample mode)")
-if mode not in ('train', 'sample', 'data', 'eval'):
-    fail(f"unknown mode '{mode}'; use train, sample, data or eval")
+if mode not in ('train', 'sample', 'data', 'eval', 'finetune_memory'):
+    fail(f"unknown mode '{mode}'; use train, sample, data, eval or finetune_memory")
+if not (isinstance(lora_rank, int) and lora_rank > 0):
+    fail(f"lora_rank must be a positive integer, got {lora_rank!r}")
 if not 0 <= seed < 2**64:
     fail(f"seed must be in [0, 2**64), got {seed}")
 for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit', 'max_new_tokens',
@@ -337,6 +342,44 @@ def bench_hellaswag(examples):
     return rows
 
 
+def finetune_memory(tmp):
+    """train.py fine-tuning this shape (random weights: init_from=scratch, random tokens), full AdamW and then LoRA:
+    memory.py's pre-flight parts (lower bounds) and the process's measured peak resident memory (CUDA: the allocator's
+    peak), or the one line with which train.py refused to start"""
+    data = os.path.join(tmp, 'random')
+    os.makedirs(data)
+    rng = np.random.default_rng(seed)
+    for split in ('train', 'val'):
+        rng.integers(vocab_size, size=4 * (block_size + 1), dtype=np.uint16).tofile(os.path.join(data, f'{split}.bin'))
+    import lora
+    rows = []
+    for rank in (0, lora_rank):
+        trainable = lora.n_params(n_layer, n_embd, rank, ','.join(lora.LAYERS)) if rank else None
+        parts = memory.training(n_params, n_layer, n_embd, block_size, vocab_size, batch_size, dtype, 'adamw', 1,
+                                activation_checkpointing, 2, trainable)
+        flags = dict(data_dir=data, out_dir=os.path.join(tmp, f'out-{rank}'), n_layer=n_layer, n_head=n_head,
+                     n_embd=n_embd, block_size=block_size, batch_size=batch_size, bias=bias, dropout=0.0,
+                     activation_checkpointing=activation_checkpointing, gradient_accumulation_steps=1,
+                     max_iters=iters, eval_iters=1, eval_interval=iters, log_interval=1, lora_rank=rank,
+                     always_save_checkpoint=False, device=str(device), dtype=dtype, compile=compile, seed=seed)
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *(f'--{k}={v}' for k, v in flags.items())],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        gpu_peak = re.search(r'peak GPU memory ([\d.]+) GB', output)
+        refused = next((l for l in output.splitlines() if l.startswith('error: ')), None)
+        losses = re.findall(r'\| loss ([\d.]+)', output)
+        rows.append({'run': f'LoRA r{rank}' if rank else 'full AdamW',
+                     'trainable M': (trainable or n_params) / 1e6,
+                     'weights+grads+optimizer GB (est.)': parts['the weights and optimizer state'][0] / 1e9,
+                     'one micro-batch GB (est.)': parts['one micro-batch'][0] / 1e9,
+                     'measured peak GB': ('refused before allocating' if refused else f"{float(gpu_peak.group(1)) if gpu_peak else usage.ru_maxrss / 1e6:.2f}"
+                                          + (' (GPU)' if gpu_peak else ' (RSS)')),
+                     'steps': len(losses), 'note': (refused or (f"loss {losses[-1]}" if losses else
+                                                               (output.strip().splitlines() or ['?'])[-1]))[:110]})
+    return rows
+
+
 def table(rows):
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: (f"{v:,.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(v, (int, float))
@@ -368,6 +411,9 @@ elif mode == 'data':
         print(f"text: {text_file or 'generated'}, {data_chars:,} characters in 2,000-character documents")
         table(bench_tokenize(tmp))
         table(bench_batches(tmp))
+elif mode == 'finetune_memory':
+    with tempfile.TemporaryDirectory(prefix='bench_finetune_') as tmp:
+        table(finetune_memory(tmp))
 else:
     examples = hellaswag_examples() if hellaswag_limit else None
     table([bench_eval(a) for a in attn_type.split(',')] + (bench_hellaswag(examples) if examples else []))

@@ -24,7 +24,9 @@ import shutil
 
 import torch
 
-from configurator import configure, fail, writable_dir
+import chat_format
+import lora
+from configurator import configure, fail, unused, writable_dir
 from files import sweep, why
 from model import GPT2_ARCH
 from runtime import load_checkpoint, model_from_checkpoint
@@ -32,6 +34,8 @@ from runtime import load_checkpoint, model_from_checkpoint
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # reads out_dir/ckpt.pt
 export_dir = ''  # where the HF directory goes (left out: out_dir/hf)
+peft = False  # a LoRA run: export_dir gets its base, adapter_dir its adapter in PEFT's format (False: merged, as any run)
+adapter_dir = ''  # with peft=True, where the adapter goes (left out: export_dir-adapter)
 # -----------------------------------------------------------------------------
 given = configure(globals())
 if not out_dir:
@@ -39,6 +43,9 @@ if not out_dir:
 if 'export_dir' not in given:
     export_dir = os.path.join(out_dir, 'hf')
 writable_dir(export_dir, '--export_dir')
+adapter_dir = adapter_dir or export_dir.rstrip(os.sep) + '-adapter'
+if peft:
+    writable_dir(adapter_dir, '--adapter_dir')
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 MANIFEST = 'export_manifest.json'  # {'written_by': 'export.py', 'files': {name: sha256}}: what an export may delete
@@ -79,13 +86,15 @@ def not_an_export(path):
     return ''
 
 
-def refuse_export_dir(reason):
-    fail(f"--export_dir={export_dir} exists and is not an earlier export that can be replaced ({reason}); "
+def refuse_export_dir(reason, export_dir=export_dir, flag='--export_dir'):
+    fail(f"{flag}={export_dir} exists and is not an earlier export that can be replaced ({reason}); "
          f"export elsewhere with --export_dir=NEW_DIR, or move what you want to keep out of it and delete it yourself")
 
 
 if os.path.isdir(export_dir) and (reason := not_an_export(export_dir)):
     refuse_export_dir(reason)
+if peft and os.path.isdir(adapter_dir) and (reason := not_an_export(adapter_dir)):
+    refuse_export_dir(reason, adapter_dir, '--adapter_dir')
 
 
 def byte_to_unicode():
@@ -124,7 +133,9 @@ def write_gpt2_tokenizer(path, block_size, enc):
         json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
         f.write('#version: 0.2\n' + ''.join(f"{word(a)} {word(b)}\n" for a, b in bpe_merges(ranks)))
-    AutoTokenizer.from_pretrained(path, model_max_length=block_size).save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=block_size)
+    tokenizer.chat_template = chat_format.CHAT_TEMPLATE  # apply_chat_template gives chat.py's tokens
+    tokenizer.save_pretrained(path)
 
 
 # the checkpoint, and everything that would stop the export, before anything is written
@@ -140,7 +151,15 @@ try:
     from transformers import GPT2Config, GPT2LMHeadModel
 except ImportError:
     fail("export.py needs transformers: pip install transformers")
-model = model_from_checkpoint(ckpt).eval()
+if peft and 'lora' not in ckpt:
+    fail(f"--peft=True exports a LoRA run's adapter, and {os.path.join(out_dir, 'ckpt.pt')} is not a LoRA run; "
+         f"export it without --peft")
+if not peft:
+    unused(('adapter_dir',), 'without --peft=True')
+    model = model_from_checkpoint(ckpt).eval()  # a LoRA run merged
+else:  # the base exported as it is, the adapters apart
+    model = lora.from_checkpoint(ckpt, None, os.path.join(out_dir, 'ckpt.pt'), merge_adapters=False)
+    adapter_sd, model = lora.adapters(model), lora.unadapted(model).eval()
 cfg = model.config
 meta = ckpt.get('meta')
 V = cfg.vocab_size
@@ -213,34 +232,63 @@ except Exception as e:
     shutil.rmtree(tmp, ignore_errors=True)
     fail(f"could not write the export to {export_dir} ({why(e)}); nothing was replaced")
 
-# swap the finished directory into place. An earlier export is replaced only now, after a second look (the export
-# may have taken a while), and of it only the files its manifest lists are deleted
-old = f"{export_dir.rstrip(os.sep)}.old.{os.getpid()}"
-written = []
-if os.path.lexists(export_dir):
-    if not os.path.isdir(export_dir) or (reason := not_an_export(export_dir)):
-        shutil.rmtree(tmp, ignore_errors=True)
-        refuse_export_dir(reason if os.path.isdir(export_dir) else "it is not a directory")
-    if os.path.isfile(os.path.join(export_dir, MANIFEST)):
-        written = [*json.load(open(os.path.join(export_dir, MANIFEST), encoding='utf-8'))['files'], MANIFEST]
-try:
+
+
+def put_in_place(tmp, export_dir, flag='--export_dir'):
+    """swap the finished directory tmp into place. An earlier export is replaced only now, after a second look (the
+    export may have taken a while), and of it only the files its manifest lists are deleted"""
+    old = f"{export_dir.rstrip(os.sep)}.old.{os.getpid()}"
+    written = []
     if os.path.lexists(export_dir):
-        os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
-except OSError as e:
-    fail(f"could not move the finished export {tmp} to {export_dir}: {e}")
-if os.path.isdir(old):
-    for name in os.listdir(old):
-        if name in written and os.path.isfile(os.path.join(old, name)):
-            os.remove(os.path.join(old, name))
+        if not os.path.isdir(export_dir) or (reason := not_an_export(export_dir)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            refuse_export_dir(reason if os.path.isdir(export_dir) else "it is not a directory", export_dir, flag)
+        if os.path.isfile(os.path.join(export_dir, MANIFEST)):
+            written = [*json.load(open(os.path.join(export_dir, MANIFEST), encoding='utf-8'))['files'], MANIFEST]
     try:
-        os.rmdir(old)
-    except OSError:
-        print(f"note: files appeared in {export_dir} during the export; they are kept in {old}")
+        if os.path.lexists(export_dir):
+            os.replace(export_dir, old)
+        os.replace(tmp, export_dir)
+    except OSError as e:
+        fail(f"could not move the finished export {tmp} to {export_dir}: {e}")
+    if os.path.isdir(old):
+        for name in os.listdir(old):
+            if name in written and os.path.isfile(os.path.join(old, name)):
+                os.remove(os.path.join(old, name))
+        try:
+            os.rmdir(old)
+        except OSError:
+            print(f"note: files appeared in {export_dir} during the export; they are kept in {old}")
+
+
+put_in_place(tmp, export_dir)
+if peft:  # adapter_config.json + adapter_model.safetensors, built whole in a temp directory as the base was
+    parent, name = os.path.split(os.path.abspath(adapter_dir))
+    if os.path.isdir(parent):
+        sweep(parent, name)
+    tmp = f"{adapter_dir.rstrip(os.sep)}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        contents = lora.peft_files(adapter_sd, ckpt['lora'], export_dir)
+        for n, data in contents.items():
+            with open(os.path.join(tmp, n), 'wb') as f:
+                f.write(data)
+        with open(os.path.join(tmp, MANIFEST), 'w', encoding='utf-8') as f:
+            json.dump({'written_by': 'export.py', 'checkpoint': os.path.abspath(os.path.join(out_dir, 'ckpt.pt')),
+                       'files': {n: sha256(os.path.join(tmp, n)) for n in sorted(contents)}}, f, indent=1)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write the adapter to {adapter_dir} ({why(e)}); the base is in {export_dir}, no adapter was "
+             f"replaced")
+    put_in_place(tmp, adapter_dir, '--adapter_dir')
 
 print(f"exported {os.path.join(out_dir, 'ckpt.pt')} (iter {ckpt.get('iter_num')}, "
       f"{sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params, max logit diff {diff:.1e}) to {export_dir}")
 print(f"files: {', '.join(sorted(os.listdir(export_dir)))}")
 for note in notes:
     print(note)
-print(f"load with: transformers.GPT2LMHeadModel.from_pretrained('{export_dir}')")
+if peft:
+    print(f"adapter (PEFT LoRA, rank {ckpt['lora']['rank']}) in {adapter_dir}; load with: peft.PeftModel.from_pretrained("
+          f"transformers.GPT2LMHeadModel.from_pretrained('{export_dir}'), '{adapter_dir}')")
+else:
+    print(f"load with: transformers.GPT2LMHeadModel.from_pretrained('{export_dir}')")

@@ -112,13 +112,15 @@ def adapters(model):
 
 
 def weights_hash(model):
-    """sha256 over the base weights (every tensor but the adapters, by sorted name, as float32 bytes)"""
+    """sha256 over the base weights (every tensor but the adapters, by sorted name, as float32 bytes). The rows that
+    pad the vocabulary to a multiple of 64 are left out: no token reads them, and from_pretrained leaves them random."""
     h = hashlib.sha256()
     sd = model.state_dict()
     for k in sorted(sd):
         if not k.endswith(('.lora_A', '.lora_B')):
+            t = sd[k][:model.config.vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else sd[k]
             h.update(k.encode())
-            h.update(sd[k].detach().float().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().float().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -199,3 +201,14 @@ def n_params(n_layer, n_embd, rank, layers):
     sizes = {'attn.c_attn': (1, 3), 'attn.c_proj': (1, 1), 'mlp.c_fc': (1, 4), 'mlp.c_proj': (4, 1)}
     names = [n.strip() for n in layers.split(',')]
     return n_layer * rank * n_embd * sum(sum(sizes[n]) for n in names if n in sizes)
+
+
+def unadapted(model):
+    """the base alone: every LoRALinear back to the plain Linear it wraps (its adapters dropped)"""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device='meta')
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, attr, plain)
+    return model

@@ -113,3 +113,48 @@ def test_lora_bad_input(runs):
     torch.save(ck, other / 'ckpt.pt')
     run_bad_inputs([(['sample.py', f'--out_dir={other}', '--device=cpu'], 'trained over other weights'),
                     (['export.py', f'--out_dir={other}'], 'trained over other weights')], protect=[other])
+
+
+def test_peft_export_and_chat_template(tmp_path, tiktoken_offline):
+    """export.py --peft=True: the base as a Hugging Face GPT-2 and the adapter in PEFT's format, which the real peft
+    package loads to the logits of this repo's LoRA model; the exported tokenizer's chat_template renders
+    conversations to the very tokens of chat_format.render"""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    import chat_format
+    from dataprep import gpt2_encoding
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / 'base')
+    model = GPT.from_pretrained(str(tmp_path / 'base'))
+    base = lora.base_identity(model, str(tmp_path / 'base'))
+    layers = ('attn.c_attn', 'mlp.c_proj')
+    lora.apply(model, 4, 8.0, 0.0, layers)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k.endswith('lora_B'):
+                p.normal_(0, 0.2)
+    run = tmp_path / 'run'
+    os.makedirs(run)
+    torch.save({'model': lora.adapters(model), 'model_args': vars(model.config), 'iter_num': 3, 'meta': None,
+                'lora': {'rank': 4, 'alpha': 8.0, 'dropout': 0.0, 'layers': list(layers), 'base': base}},
+               run / 'ckpt.pt')
+    run_script('export.py', f'--out_dir={run}', '--peft=True', env={'TIKTOKEN_CACHE_DIR': tiktoken_offline})
+    assert sorted(os.listdir(run / 'hf-adapter')) == ['adapter_config.json', 'adapter_model.safetensors',
+                                                      'export_manifest.json']
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(run / 'hf'), str(run / 'hf-adapter')).eval()
+    x = torch.randint(50257, (2, 32))
+    with torch.no_grad():
+        ours, theirs = model.eval()(x, x)[0], peft_model(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - GPT2LMHeadModel.from_pretrained(run / 'hf')(x).logits).abs().max().item() > 1e-2  # B A matters
+    # the chat template written into the tokenizer gives chat_format's tokens
+    tok, enc = AutoTokenizer.from_pretrained(run / 'hf'), gpt2_encoding()
+    convs = [[{'role': 'user', 'content': 'Hi there!'}, {'role': 'assistant', 'content': ' Hello,\n\n  friend :)'}],
+             [{'role': 'system', 'content': 'Answer in French.'}, {'role': 'user', 'content': '  two  spaces\n'},
+              {'role': 'assistant', 'content': '...ok'}, {'role': 'user', 'content': 'naïve café? 你好'}]]
+    for conv in convs:
+        for reply in (False, True):
+            ids = tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=reply)
+            ids = ids['input_ids'] if isinstance(ids, dict) or hasattr(ids, 'keys') else ids
+            assert list(ids) == chat_format.render(conv, enc.encode_ordinary, enc.eot_token, reply=reply)[0]
