@@ -6,8 +6,8 @@ its p-value (Welch's t-test), at equal steps and at equal wall time, written to 
     python compare.py --variants="baseline:;rope:--pos_emb=rope;muon:--optimizer=muon" --seeds="(1337, 1)"
     python compare.py --variants="SM:;GK:--attn_type=GK" --doc=docs/ATTENTION_RUNS.md
 
-variants: 'name:flags;name:flags;...', the first is the baseline; flags are train.py flags added to `recipe` and
-`common` (later flags win). Runs go one at a time (they would only fight over the cores) into
+variants: 'name:flags;name:flags;...', the first is the baseline; flags are train.py flags (or config files of this
+repo, like config/modern.py) added to `recipe` and `common` (later flags win). Runs go one at a time (they would only fight over the cores), seed by seed, into
 out_prefix + name + '-s' + seed. A run that finished with the same command is kept, so an interrupted comparison
 continues where it stopped; a run dir holding anything else is refused unless --overwrite=True (passed on to train.py).
 Equal wall time needs each variant's time per step: by default measured after training by a short run of
@@ -67,10 +67,15 @@ def parse_flags(text, where):
     except ValueError as e:
         fail(f"{where}: {e}")
     keys = train_keys()
+    flags = [os.path.join(REPO, f) if f.endswith('.py') and not f.startswith('--') else f for f in flags]
     for f in flags:
         key = f[2:].split('=', 1)[0]
+        if f.endswith('.py') and not f.startswith('--'):  # a config file stacked on the recipe (config/modern.py)
+            if not os.path.isfile(f):
+                fail(f"{where}: no config file {os.path.relpath(f, REPO)} in {REPO}")
+            continue
         if not f.startswith('--') or '=' not in f:
-            fail(f"{where}: {f!r} is not a --key=value flag")
+            fail(f"{where}: {f!r} is neither a --key=value flag nor a config file")
         if key not in keys:
             fail(f"{where}: train.py has no setting '{key}'")
         if key in OWNED:
@@ -135,9 +140,9 @@ def finished(name, seed):
         return False
 
 
-todo = []
-for name in names:
-    for seed in seeds:
+todo = []  # seed by seed: an interrupted comparison still has every variant at its first seeds
+for seed in seeds:
+    for name in names:
         d = run_dir(name, seed)
         writable_dir(d, '--out_prefix')
         if finished(name, seed):
@@ -150,9 +155,7 @@ for name in names:
 
 def train(args, where):
     """one train.py run; its output streams through, its last stderr line is the error when it fails"""
-    cmd = [sys.executable, *args[:1], *args[1:]]
-    cmd[1] = os.path.join(REPO, args[0])
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, args[0]), *args[1:]], stderr=subprocess.PIPE, text=True)
     err = [line for line in p.stderr if not sys.stderr.write(line)]
     if p.wait() != 0:
         last = next((l.strip() for l in reversed(err) if l.strip()), f'exit status {p.returncode}')

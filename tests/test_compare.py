@@ -108,6 +108,8 @@ def test_bad_inputs_fail_before_any_training(char_data, tmp_path):
         (['--variants=SM:;SM:--attn_type=GK'], "names 'SM' twice"),
         (['--variants=SM:--attn_typo=GK'], "train.py has no setting 'attn_typo'"),
         (['--variants=SM:--seed=3'], '--seed is set by compare.py itself'),
+        (['--variants=SM:config/nope.py'], 'no config file config/nope.py'),
+        (['--variants=SM:seed=3'], "is neither a --key=value flag nor a config file"),
         (['--variants=a b:'], 'needs a name of letters'),
         (['--seeds=(1, 1)'], '--seeds must be a tuple of distinct integers'),
         (['--variants=x:'], 'o-x-s1 holds another or an unfinished run'),
