@@ -1,5 +1,5 @@
 # pointwise attention (relu(q.k / sqrt(d)) / (i + 1), no softmax) on Tiny Shakespeare characters,
-# the README CPU recipe's size, so it compares directly with the SM / GK runs of compare_attention.py
+# the README CPU recipe's size, so it compares directly with the SM / GK runs of compare.py
 # first: python data/shakespeare_char/prepare.py
 # python train.py config/PA.py            (another activation: --attn_type=PA_gelu; ~2 minutes on 2 CPU cores)
 

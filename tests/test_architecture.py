@@ -153,7 +153,7 @@ def test_bad_values_are_refused():
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--gradient_accumulation_steps=1', '--log_interval=1', '--warmup_iters=2', '--compile=False', '--device=cpu',
-        '--eval_interval=4']
+        '--eval_interval=4', '--max_iters=2']  # a bad case that is not refused ends at once
 ALL_FLAGS = ['--pos_emb=rope', '--norm=rmsnorm', '--qk_norm=True', '--mlp_act=relu2', '--tie_embeddings=False',
              '--logit_softcap=15.0', '--zero_init=True']
 
@@ -177,7 +177,7 @@ def test_checkpoint_round_trip_resume_and_refusals(tmp_path):
         (['train.py', f'--data_dir={data}', '--out_dir=' + str(tmp_path / 'new'), '--mlp_act=swiglu'], "unknown mlp_act"),
         (['train.py', f'--data_dir={data}', '--out_dir=' + str(tmp_path / 'new'), '--logit_softcap=-2.0'],
          "logit_softcap must be a number >= 0"),
-        (['train.py', f'--data_dir={data}', '--out_dir=' + str(tmp_path / 'new'), *TINY, '--n_head=16',
+        (['train.py', f'--data_dir={data}', '--out_dir=' + str(tmp_path / 'new'), *TINY, '--n_head=32',
           '--pos_emb=rope'], "head size 1 is odd"),
         (['train.py', '--init_from=resume', f'--out_dir={run}', '--pos_emb=learned', '--max_iters=12'],
          "--pos_emb='learned' on the command line conflicts with the checkpoint's pos_emb='rope'"),

@@ -1,7 +1,7 @@
 """The bad-input battery: each mistake a new or careless user makes, run through the real scripts as subprocesses.
 Every case must end with a non-zero exit, exactly one `error: ...` line that names the input and the way out, no
 traceback, and every file that existed before byte-identical after (conftest.run_bad_inputs). The data scripts',
-export.py's, plot.py's and compare_attention.py's own cases live beside their other tests.
+export.py's, plot.py's and compare.py's own cases live beside their other tests.
 After the general battery, one test per cause of lost or wrong work: a full disk under every writer, two writers on
 one directory, numbers that are not numbers, sizes that cannot fit, flags that would be ignored, and odd but legal
 input."""
