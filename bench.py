@@ -26,7 +26,8 @@ import torch
 
 import memory
 from configurator import configure, fail, read_text, unused
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
+from quantize import FORMATS, decoding_model
 from runtime import autocast, draw_offsets, pick_compile, pick_device, pick_dtype, read_batch, sync
 
 # -----------------------------------------------------------------------------
@@ -44,11 +45,14 @@ real_data = False  # True: batches from data/<dataset>/train.bin; False: random 
 dataset = 'openwebtext'
 warmup_iters = 5  # untimed steps first (compilation, allocator warm-up)
 iters = 20  # timed steps (train), timed batches (eval, data)
-max_new_tokens = 500  # sample mode: tokens generated
+max_new_tokens = 600  # sample mode: tokens generated in the long run
+short_tokens = 100  # sample mode: tokens generated in the short run, whose time is subtracted (start-up cancels)
 prompt_tokens = 1  # sample mode: prompt length
 sample_batch = 8  # sample mode: the larger batch timed beside batch 1
-temperature = 0.0  # sample mode: 0 = greedy; seeded sampling otherwise (every path must give the same tokens)
-no_cache = True  # sample mode: also time the full recompute per token (nanoGPT's way); slow for big models
+temperature = 0.8  # sample mode: sample.py's default; 0 = greedy (every path must give the same tokens)
+top_k = 200  # sample mode: sample.py's default; None = all tokens
+quantize = 'none'  # sample mode: weight formats, one or several separated by commas: none (dtype's), int8
+no_cache = False  # sample mode: also time the full recompute per token (nanoGPT's way); slow for big models
 text_file = ''  # data mode: documents are cut from this text file; '' = generated text
 data_chars = 20_000_000  # data mode: characters of text to tokenise
 num_proc = 2  # data mode: processes in the tokenising pool, compared with 1
@@ -61,7 +65,7 @@ compile = None  # None = on for CUDA, off elsewhere
 compile_mode = 'default'  # torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 lora_rank = 16  # finetune_memory mode: the LoRA run's rank (adapters on every Linear of the blocks)
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), optional=('top_k',))
 memory.explain_oom("--batch_size or --block_size (or --sample_batch / --max_new_tokens in sample mode)")
 if mode not in ('train', 'sample', 'data', 'eval', 'finetune_memory'):
     fail(f"unknown mode '{mode}'; use train, sample, data, eval or finetune_memory")
@@ -70,11 +74,17 @@ if not (isinstance(lora_rank, int) and lora_rank > 0):
 if not 0 <= seed < 2**64:
     fail(f"seed must be in [0, 2**64), got {seed}")
 for name in ('batch_size', 'block_size', 'iters', 'num_proc', 'data_chars', 'hellaswag_limit', 'max_new_tokens',
-             'prompt_tokens', 'sample_batch'):
+             'short_tokens', 'prompt_tokens', 'sample_batch'):
     if not isinstance(globals()[name], int) or globals()[name] < (name != 'hellaswag_limit'):
         fail(f"{name} must be a {'non-negative' if name == 'hellaswag_limit' else 'positive'} integer, got {globals()[name]!r}")
 if not 0 < vocab_size <= 2**16:
     fail(f"vocab_size must be between 1 and 65,536 (token ids are uint16, as in train.bin), got {vocab_size}")
+if short_tokens >= max_new_tokens:
+    fail(f"short_tokens ({short_tokens}) must be below max_new_tokens ({max_new_tokens}): their difference is timed")
+if any(k not in FORMATS for k in quantize.split(',')):
+    fail(f"unknown quantize '{quantize}'; use {' or '.join(FORMATS)}, or several separated by commas")
+if top_k is not None and top_k <= 0:
+    fail(f"top_k must be a positive integer or None (all tokens), got {top_k}")
 if compile_mode not in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
     fail(f"unknown compile_mode '{compile_mode}'; use default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
 source_text = read_text(text_file, '--text_file') if text_file else None  # data mode: checked before any timing
@@ -84,7 +94,8 @@ dtype = pick_dtype(dtype, device)
 compile = pick_compile(compile, device)
 ctx = autocast(device_type, dtype)
 REPO = os.path.dirname(os.path.abspath(__file__))
-for only, keys in (('sample', ('max_new_tokens', 'prompt_tokens', 'sample_batch', 'temperature', 'no_cache')),
+for only, keys in (('sample', ('max_new_tokens', 'short_tokens', 'prompt_tokens', 'sample_batch', 'temperature', 'top_k',
+                               'quantize', 'no_cache')),
                    ('data', ('text_file', 'data_chars', 'num_proc')), ('eval', ('hellaswag_limit', 'hellaswag_dir'))):
     if mode != only:
         unused(keys, f"with mode='{mode}' (they are for mode='{only}')")
@@ -194,40 +205,61 @@ def bandwidth():
     return buf.numel() * buf.element_size() / best
 
 
-def bench_sample(attn):
-    """tokens/s of model.generate: full recompute (no cache), the static KV cache eager, and compiled; against the
-    weight-streaming bound: a decode step reads every weight once (the head's padded rows included, the position
-    table's one row not), so one step of B tokens takes at least weight bytes / bandwidth"""
-    model = make_model(attn).eval()
-    weight_dtype = getattr(torch, dtype)
-    weight_bytes = model.get_num_params() * weight_dtype.itemsize  # every weight but the position table
-    if dtype != 'float32':  # the weights themselves in the low precision: the bound assumes they are read so
-        model.to(weight_dtype)
-    bw = bandwidth()
-    print(f"weights read per decode step {weight_bytes / 1e6:,.1f} MB; measured read bandwidth {bw / 1e9:,.1f} GB/s; "
-          f"bound {bw / weight_bytes:,.1f} steps/s")
+def bytes_per_step(model):
+    """what a decode step reads: every weight, scale and bias once (the LM head's padded rows included), but not the
+    embedding tables (one row each) nor the KV cache"""
+    seen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Embedding, KVCache)):
+            continue
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if id(t) not in seen:  # the tied head is counted once, as the head
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def bench_sample(attn, kind):
+    """tokens/s of sample.py's own path (quantize.decoding_model, then model.generate under autocast with sample.py's
+    sampling settings), eager and compiled, as (max_new_tokens - short_tokens) / (time of a max_new_tokens run - time
+    of a short_tokens run), so prefill and the first call's compilation cancel; against the weight-streaming bound
+    (a decode step of B tokens reads every weight once: bytes_per_step / bandwidth). The bandwidth is measured
+    between the runs and the best reading kept: on a busy machine one reading comes out low."""
+    model = decoding_model(make_model(attn).eval(), dtype, kind)
+    weight_bytes = bytes_per_step(model)
     paths = ([('no cache', dict(use_cache=False))] if no_cache else []) + [('kv cache', {})] + \
         ([('kv cache, compiled', dict(compile=True))] if compile else [])  # --compile=True on CPU
-    rows = []
+    rows, steps, readings = [], [], [bandwidth()]
     for B in sorted({1, sample_batch}):
         prompt = torch.randint(vocab_size, (B, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
         outs = []
         for name, kw in paths:
-            with torch.no_grad():
-                sync(device)
-                t0 = time.perf_counter()
-                model.generate(prompt, max_new_tokens, temperature=temperature, **kw)  # compiles (slides too)
-                sync(device)
-                first = time.perf_counter() - t0
+            def run(n):
                 torch.manual_seed(seed)
-                t0 = time.perf_counter()
-                outs.append(model.generate(prompt, max_new_tokens, temperature=temperature, **kw))
                 sync(device)
-                dt = time.perf_counter() - t0
-            rows.append({'attn_type': attn, 'batch': B, 'path': name, 'first call s': first, 'seconds': dt,
-                         'tokens/s': B * max_new_tokens / dt, 'of bound': f"{max_new_tokens / dt / (bw / weight_bytes):.0%}",
+                t0 = time.perf_counter()
+                out = model.generate(prompt, n, temperature=temperature, top_k=top_k, **kw)
+                sync(device)
+                return out, time.perf_counter() - t0
+            with torch.no_grad(), ctx:
+                _, first = run(max_new_tokens)  # compiles (and slides past the block if it is that long)
+                run(short_tokens)  # compiles the short run's cache length
+                out, long_s = run(max_new_tokens)
+                _, short_s = run(short_tokens)
+            readings.append(bandwidth())
+            outs.append(out)
+            steps.append((max_new_tokens - short_tokens) / (long_s - short_s))
+            rows.append({'attn_type': attn, 'weights': kind if kind != 'none' else dtype, 'batch': B, 'path': name,
+                         'first call s': first, 'tokens/s': f"{B * steps[-1]:,.1f}",
                          'same tokens': all(torch.equal(o, outs[0]) for o in outs)})
         model.clear_caches()
+    bw = max(readings)
+    print(f"{kind if kind != 'none' else dtype} weights: {weight_bytes / 1e6:,.1f} MB read per decode step; read "
+          f"bandwidth {bw / 1e9:,.1f} GB/s (best of {len(readings)}, measured between the runs: "
+          f"{', '.join(f'{r / 1e9:.1f}' for r in readings)}); bound {bw / weight_bytes:,.1f} steps/s")
+    for r, s in zip(rows, steps):
+        frac = s / (bw / weight_bytes)
+        r['of bound'] = f"{frac:.0%}" + (" (above the bound: the bandwidth reading is unreliable)" if frac > 1 else '')
     return rows
 
 
@@ -399,13 +431,13 @@ print(f"device {device} ({torch.cuda.get_device_name(device) if device_type == '
 if mode != 'data':
     print(f"model {n_layer}x{n_embd} ({n_head} heads), block {block_size}, vocab {vocab_size}" +
           (f", batch {batch_size}" if mode != 'sample' else f", batch 1 and {sample_batch}, prompt {prompt_tokens} "
-           f"token(s), {max_new_tokens} new, temperature {temperature}") +
+           f"token(s), {max_new_tokens} minus {short_tokens} new, temperature {temperature}, top_k {top_k}") +
           (", activation checkpointing" if activation_checkpointing else ''))
 if mode == 'train':
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
         table([bench_train(a, tmp) for a in attn_type.split(',')])
 elif mode == 'sample':
-    table([r for a in attn_type.split(',') for r in bench_sample(a)])
+    table([r for a in attn_type.split(',') for k in quantize.split(',') for r in bench_sample(a, k)])
 elif mode == 'data':
     with tempfile.TemporaryDirectory(prefix='bench_data_') as tmp:
         print(f"text: {text_file or 'generated'}, {data_chars:,} characters in 2,000-character documents")

@@ -41,6 +41,7 @@ dtype = 'auto'  # auto, float32, bfloat16, float16
 batch_size = 8  # examples per forward pass (4 rows each)
 limit = None  # score only the first `limit` examples (None: all 10,042)
 compile = False  # torch.compile the model
+quantize = 'none'  # 'int8': score with int8 weights (quantize.py), to see what quantisation costs
 # -----------------------------------------------------------------------------
 
 _enc = None
@@ -185,12 +186,15 @@ def evaluate(model, device, examples, batch_size=8, ctx=contextlib.nullcontext()
 
 if __name__ == '__main__':
     configure(globals())
+    from quantize import FORMATS, decoding_model
     from runtime import autocast, load_model, pick_compile, pick_device, pick_dtype
 
     if batch_size < 1:
         fail(f"batch_size must be a positive integer, got {batch_size}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         fail(f"limit must be a positive integer or None, got {limit!r}")
+    if quantize not in FORMATS:
+        fail(f"unknown quantize '{quantize}'; use {' or '.join(FORMATS)}")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     compile = pick_compile(compile, device)
@@ -202,6 +206,7 @@ if __name__ == '__main__':
     if model.config.vocab_size < encoder().n_vocab:
         fail(f"HellaSwag needs a GPT-2 BPE model (vocab >= {encoder().n_vocab}); this one has {model.config.vocab_size}")
     examples = load_examples(limit, data_dir)
+    model = decoding_model(model, dtype, quantize)  # weights stored in the dtype autocast computes in
     if compile:  # one graph for the first length, one dynamic graph for all the others
         model = torch.compile(model)
     t0 = time.time()

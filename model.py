@@ -135,12 +135,17 @@ def attend(q, k, v, kind, arg=None, mask=None, dropout_p=0.0):
     return w @ v
 
 
+def fused_row(x):
+    """True when x is a single row being compiled for a CPU (a decode step at batch 1): see project()"""
+    return x.shape[:-1].numel() == 1 and x.device.type == 'cpu' and torch.compiler.is_compiling()
+
+
 def project(layer, x):
     """layer(x) = x @ W.T (+ b). When compiling for a single row on a CPU (a decode step at batch 1), written as a
     product and a sum over W's rows instead: inductor fuses them into one reduction that streams W at memory speed on every core, where
     the BLAS matrix-vector product behind layer(x) reaches about a third of it (docs/BENCHMARKS.md). Eager, training
-    and GPU code take layer(x) as it is."""
-    if x.shape[:-1].numel() == 1 and x.device.type == 'cpu' and torch.compiler.is_compiling():
+    and GPU code take layer(x) as it is, and so do quantised layers (quantize.py), which do the same themselves."""
+    if type(layer) is nn.Linear and fused_row(x):
         y = (x.unsqueeze(-2) * layer.weight).sum(-1)
         return y if layer.bias is None else y + layer.bias
     return layer(x)
@@ -441,7 +446,7 @@ class GPT(nn.Module):
         """KV caches of batch_size x length positions (block_size by default) in every attention layer (dtype: the
         weights' by default), and the causal mask they are read through. generate() sizes them by cache_length(). Kept until clear_caches(), so later calls reuse them (and any
         CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
-        cfg, w = self.config, self.lm_head.weight
+        cfg, w = self.config, self.transformer.wte.weight  # the activations' dtype (the head may be int8)
         shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.n_embd // cfg.n_head)
         dtype = dtype or w.dtype
         first = self.transformer.h[0].attn.cache

@@ -30,6 +30,7 @@ from configurator import configure, fail, sources, unused, writable_dir
 from dataprep import gpt2_encoding
 from files import lock_dir
 from model import GPT, GPT2_ARCH, GPTConfig, check_arch
+from quantize import cast_weights
 from runtime import (append_log, autocast, check_wandb, device_peak_flops, draw_offsets, eval_offsets, fsdp_shard,
                      grad_scaler, leave_processes, load_checkpoint, load_optimizer_state,
                      model_from_checkpoint, open_token_files, pick_compile, pick_device, pick_dtype, print0,
@@ -585,7 +586,9 @@ while True:
         raw_model.eval()
         with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx, inference():
             torch.manual_seed(seed + iter_num)  # sampling must not move the training RNG (exact resume)
-            y = raw_model.generate(x, sample_tokens, temperature=1.0, top_k=50, compile=compile and not fsdp)
+            # a twin with the weights in the autocast dtype: not cast again on every token
+            y = cast_weights(raw_model, dtype, copy_weights=True).generate(x, sample_tokens, temperature=1.0, top_k=50,
+                                                                           compile=compile and not fsdp)
         raw_model.clear_caches()
         raw_model.train()
         for i in range(num_samples if master else 0):

@@ -1,5 +1,6 @@
 """bench.py: every mode runs as its docstring says and prints a table whose checks hold (tiny sizes, CPU)."""
 import json
+import re
 
 import pytest
 
@@ -41,14 +42,19 @@ def test_train_rows_per_attention_and_activation_checkpointing():
 
 
 def test_sample_paths_give_the_same_tokens():
-    """no cache and the static cache, at batch 1 and 2, with the slide past block_size: the same tokens (compiled
-    decoding is left out on CPU unless --compile=True; tests/test_fast_paths.py checks its tokens)"""
-    p = run_script('bench.py', '--mode=sample', *TINY, '--vocab_size=65', '--max_new_tokens=40', '--prompt_tokens=4',
-                   '--sample_batch=2', '--temperature=0.8')
+    """no cache and the static cache, at batch 1 and 2, with the slide past block_size, in float32 and int8: the same
+    tokens within each format (compiled decoding is left out on CPU unless --compile=True; tests/test_fast_paths.py
+    checks its tokens); the bound comes from the bytes each format reads"""
+    p = run_script('bench.py', '--mode=sample', *TINY, '--vocab_size=65', '--max_new_tokens=40', '--short_tokens=10',
+                   '--prompt_tokens=4', '--sample_batch=2', '--no_cache=True', '--quantize=none,int8')
     [rows] = tables(p.stdout)
-    assert [(r['batch'], r['path']) for r in rows] == [(b, path) for b in ('1', '2') for path in ('no cache', 'kv cache')]
-    assert all(r['same tokens'] == 'True' and number(r['tokens/s']) > 0 and number(r['of bound']) > 0 for r in rows)
-    assert 'measured read bandwidth' in p.stdout
+    assert [(r['weights'], r['batch'], r['path']) for r in rows] == [
+        (w, b, path) for w in ('float32', 'int8') for b in ('1', '2') for path in ('no cache', 'kv cache')]
+    assert all(r['same tokens'] == 'True' and number(r['tokens/s']) > 0 and r['of bound'].endswith('%') for r in rows)
+    assert all(len(r['tokens/s'].split('.')[1]) == 1 for r in rows)  # one format for every tokens/s
+    mb = {w: float(m) for w, m in re.findall(r'(\w+) weights: ([\d.]+) MB read per decode step', p.stdout)}
+    assert set(mb) == {'float32', 'int8'} and mb['int8'] < 0.4 * mb['float32'], mb
+    assert 'best of 5, measured between the runs' in p.stdout
 
 
 def test_data_pool_writes_the_same_bins(tiktoken_offline):
@@ -81,6 +87,8 @@ def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp
     ('--iters=0', "iters must be a positive integer, got 0"),
     ('--max_new_tokens=-1', "max_new_tokens must be a positive integer, got -1"),
     ('--prompt_tokens=0', "prompt_tokens must be a positive integer, got 0"),
+    ('--quantize=int3', "unknown quantize 'int3'; use none or int8, or several separated by commas"),
+    ('--short_tokens=600', "short_tokens (600) must be below max_new_tokens (600): their difference is timed"),
 ])
 def test_bad_flags_are_one_line(flag, message):
     p = run_script('bench.py', flag, check=False)

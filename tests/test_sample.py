@@ -80,4 +80,5 @@ def test_sample_bad_inputs(char_ckpt, tmp_path):
         (base + [f'--start=FILE:{tmp_path / "long.txt"}'], "the prompt is 40 tokens but the model sees at most 32"),
         (base + ['--dtype=float16'], "float16 is for GPUs"),
         (base + ['--stream=maybe'], "wants a bool"),
+        (base + ['--quantize=int3'], "unknown quantize 'int3'; use none or int8"),
     ], protect=[char_ckpt, tmp_path])
