@@ -180,7 +180,7 @@ def test_checkpoint_round_trip_resume_and_refusals(tmp_path):
         (['train.py', f'--data_dir={data}', '--out_dir=' + str(tmp_path / 'new'), *TINY, '--n_head=32',
           '--pos_emb=rope'], "head size 1 is odd"),
         (['train.py', '--init_from=resume', f'--out_dir={run}', '--pos_emb=learned', '--max_iters=12'],
-         "--pos_emb='learned' on the command line conflicts with the checkpoint's pos_emb='rope'"),
+         "--pos_emb=learned on the command line conflicts with the checkpoint's pos_emb='rope'"),
         (['train.py', '--init_from=finetune', f'--finetune_from={run}', '--out_dir=' + str(tmp_path / 'ft'),
           f'--data_dir={data}', '--tie_embeddings=True'], "--tie_embeddings=True on the command line conflicts with the checkpoint's"),
         (['train.py', '--init_from=gpt2', '--out_dir=' + str(tmp_path / 'g'), f'--data_dir={data}', '--qk_norm=True'],
