@@ -82,3 +82,43 @@ def decoding_model(model, dtype, kind='none'):
     """sample.py's (and hellaswag.py's, bench.py's, chat.py's) model for decoding: weights in the inference dtype, then
     quantised if asked. Errors (an unknown kind) raise ValueError."""
     return quantize(cast_weights(model, dtype), kind)
+
+
+if __name__ == '__main__':
+    # What each format costs a trained model: whole-val loss and greedy agreement with float32.
+    # $ python quantize.py --out_dir=out-shakespeare --dataset=shakespeare
+    import os
+
+    import numpy as np
+
+    from configurator import configure, fail
+    from runtime import autocast, load_model
+
+    out_dir = 'out'  # the run whose ckpt.pt is measured
+    dataset = 'shakespeare'  # its val.bin is data/<dataset>/val.bin
+    formats = 'float32,bfloat16,int8'  # weight formats compared with float32
+    greedy_tokens = 500  # greedy tokens compared position by position with float32's
+    configure(globals())
+    val = np.memmap(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'val.bin'),
+                    dtype=np.uint16, mode='r')
+    results, ref = {}, None
+    for fmt in formats.split(','):
+        if fmt not in ('float32', 'bfloat16', 'int8'):
+            fail(f"unknown format '{fmt}'; use float32, bfloat16 or int8")
+        model, _ = load_model('resume', out_dir, torch.device('cpu'))
+        dtype = 'bfloat16' if fmt == 'bfloat16' else 'float32'
+        model = decoding_model(model, dtype, 'int8' if fmt == 'int8' else 'none')
+        T = model.config.block_size
+        blocks = torch.arange((len(val) - 1) // T) * T  # every non-overlapping block of val once
+        total, n = 0.0, 0
+        with torch.no_grad(), autocast('cpu', dtype):
+            for b in blocks.split(16):
+                x = torch.stack([torch.from_numpy(val[i:i + T].astype(np.int64)) for i in b.tolist()])
+                y = torch.stack([torch.from_numpy(val[i + 1:i + 1 + T].astype(np.int64)) for i in b.tolist()])
+                _, loss = model(x, y)
+                total, n = total + loss.item() * len(b), n + len(b)
+            out = model.generate(torch.tensor([[int(val[0])]]), greedy_tokens, temperature=0)[0, 1:]
+        ref = out if ref is None else ref
+        agree = (out == ref).float().mean().item()
+        print(f"{fmt:>9}: val loss {total / n:.4f} over {n} blocks of {T}; greedy tokens agreeing with "
+              f"{formats.split(',')[0]}: {agree:.1%}", flush=True)

@@ -312,6 +312,9 @@ def model_from_checkpoint(ckpt, override_args=None, source='the checkpoint'):
     except (TypeError, ValueError) as e:
         fail(f"{source}: its model args are invalid ({e})")
     sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+    if any(torch.is_tensor(v) and v.dtype == torch.int8 for v in sd.values()):  # saved after quantize.quantize
+        fail(f"{source}: its weights are int8-quantised (quantize.py makes them for decoding only, at load); train, "
+             f"resume and export from the float checkpoint")
     want = model.state_dict()
     problems = [f"missing {k}" for k in want if k not in sd] + [f"unexpected {k}" for k in sd if k not in want]
     problems += [f"{k} has shape {tuple(sd[k].shape)}, model_args give {tuple(v.shape)}"

@@ -76,3 +76,19 @@ def test_int8_twins_are_close_and_hold_no_float_copy():
         q.train()(x, x)
     with pytest.raises(ValueError, match="unknown quantize 'int3'; use none or int8"):
         decoding_model(tiny(), 'float32', 'int3')
+
+
+def test_quantised_checkpoints_and_training_are_refused(tmp_path):
+    """quantisation is made at load for decoding: an int8 state dict saved anyway is refused by export, resume and
+    sample.py in one line (train and export the float checkpoint), and train.py has no quantize flag"""
+    from conftest import run_bad_inputs
+    model = quantize(tiny(), 'int8')
+    (tmp_path / 'q').mkdir()
+    torch.save({'model': model.state_dict(), 'model_args': vars(model.config), 'meta': None, 'iter_num': 0},
+               tmp_path / 'q' / 'ckpt.pt')
+    said = "its weights are int8-quantised (quantize.py makes them for decoding only, at load)"
+    run_bad_inputs([
+        (['export.py', f'--out_dir={tmp_path / "q"}', f'--export_dir={tmp_path / "hf"}'], said),
+        (['sample.py', f'--out_dir={tmp_path / "q"}', '--device=cpu'], said),
+        (['train.py', '--quantize=int8', f'--out_dir={tmp_path / "t"}'], "unknown config key 'quantize'"),
+    ], protect=[tmp_path])
