@@ -80,7 +80,7 @@ def test_eval_batched_hellaswag_scores_equal_one_at_a_time(tiktoken_offline, tmp
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--mode=nope', "unknown mode 'nope'; use train, sample, data or eval"),
+    ('--mode=nope', "unknown mode 'nope'; use train, sample, data, eval or finetune_memory"),
     ('--compile_mode=fast', "unknown compile_mode 'fast'; use default, reduce-overhead, max-autotune or "
                             "max-autotune-no-cudagraphs"),
     ('--text_file=/no/such.txt', "--text_file: /no/such.txt does not exist"),

@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     train = lambda out, *flags: run_script('train.py', f'--data_dir={data}', f'--out_dir={root / out}', *TINY, *flags)
     train('base', '--max_iters=30', '--eval_interval=30')
     flags = ['--init_from=finetune', f'--finetune_from={root / "base"}', '--lora_rank=4', '--lora_alpha=8',
-             '--lora_dropout=0.1', '--eval_interval=3', '--learning_rate=3e-2']
+             '--lora_dropout=0.1', '--eval_interval=3', '--learning_rate=1e-2']
     straight = train('lora', '--max_iters=6', *flags)
     train('half', '--max_iters=3', *flags)
     resumed = run_script('train.py', '--init_from=resume', f'--out_dir={root / "half"}', '--max_iters=6')
@@ -70,7 +70,7 @@ def test_lora_run_checkpoint_resume_and_merge(runs):
     # the first eval of the LoRA run is the base's own loss on the same batches (B starts at zero)
     base_val = [r for r in log(root / 'base') if r['val_loss'] is not None][-1]['val_loss']
     evals = [r['val_loss'] for r in log(root / 'lora') if r['val_loss'] is not None]
-    assert evals[0] == base_val and evals[-1] < base_val - 0.02
+    assert evals[0] == base_val and evals[-1] < base_val - 0.005
     # exact resume: the same adapters and optimizer state as the straight run (dropout included)
     half = load_checkpoint(str(root / 'half' / 'ckpt.pt'))
     for k, v in ck['model'].items():

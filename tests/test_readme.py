@@ -42,7 +42,7 @@ def readme_commands():
     text = open(os.path.join(REPO, 'README.md')).read()
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        for line in block.replace('\\\n', ' ').splitlines():  # a trailing backslash continues the command
             for part in line.split('&&'):
                 words = shlex.split(part, comments=True)
                 if words:
