@@ -93,26 +93,50 @@ def test_render_and_prepare_write_the_mask(tmp_path):
     assert json.load(open(data / 'chat.json'))['format'] == chat_format.FORMAT
 
 
-def test_plain_datasets_train_bit_identically(tmp_path):
+@pytest.fixture(scope='module')
+def plain_run(tmp_path_factory):
+    """a plain char dataset and a short run on it"""
+    root = tmp_path_factory.mktemp('plain')
+    data = write_char_dataset(str(root / 'data'), val_frac=0.2)
+    run_script('train.py', f'--data_dir={data}', f'--out_dir={root / "run"}', *TINY, '--max_iters=6',
+               '--eval_interval=3', '--dropout=0.1')
+    return root
+
+
+@pytest.fixture(scope='module')
+def chat_runs(tmp_path_factory, full):
+    """the reversal task prepared, and trained from scratch with and without the mask at equal steps"""
+    root = tmp_path_factory.mktemp('chat')
+    steps = 400 if full else 250
+    write_jsonl(root / 'train.jsonl', reversal(4000, 0))
+    run_script('data/chat/prepare.py', f'--input={root / "train.jsonl"}', f'--out_dir={root / "data"}',
+               '--tokenizer=char')
+    runs = {mask: root / f'mask-{mask}' for mask in (True, False)}
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda kv: run_script(
+            'train.py', f'--data_dir={root / "data"}', f'--out_dir={kv[1]}', *CHAT, f'--max_iters={steps}',
+            f'--lr_decay_iters={steps}', f'--eval_interval={steps}', f'--chat_mask={kv[0]}'), runs.items()))
+    assert 'chat data (gpt2-plain-v1): train 3,600 conversations' in done[0].stdout
+    return root, runs, steps
+
+
+def test_plain_datasets_train_bit_identically(plain_run, tmp_path):
     """the chat path with every token a target and a window at every offset is the plain path, loss for loss: so
     a plain dataset, which never enters it, trains as before"""
-    plain = write_char_dataset(str(tmp_path / 'plain'), val_frac=0.2)
     chat = write_char_dataset(str(tmp_path / 'chat'), val_frac=0.2)
     for split in ('train', 'val'):
         n = len(np.fromfile(os.path.join(chat, f'{split}.bin'), dtype=np.uint16))
         np.ones(n, dtype=np.uint8).tofile(os.path.join(chat, f'{split}.mask.bin'))
         np.arange(n - 32 - 1, dtype=np.int64).tofile(os.path.join(chat, f'{split}.convs.bin'))
     json.dump({'format': chat_format.FORMAT}, open(os.path.join(chat, 'chat.json'), 'w'))
-    logs = []
-    for data in (plain, chat):
-        run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp_path / os.path.basename(data)}-out', *TINY,
-                   '--max_iters=6', '--eval_interval=3', '--dropout=0.1')
-        logs.append([{k: r[k] for k in ('iter', 'loss', 'val_loss')}
-                     for r in map(json.loads, open(tmp_path / f'{os.path.basename(data)}-out' / 'log.jsonl'))])
+    run_script('train.py', f'--data_dir={chat}', f'--out_dir={tmp_path / "out"}', *TINY, '--max_iters=6',
+               '--eval_interval=3', '--dropout=0.1')
+    logs = [[{k: r[k] for k in ('iter', 'loss', 'val_loss')} for r in map(json.loads, open(out / 'log.jsonl'))]
+            for out in (plain_run / 'run', tmp_path / 'out')]
     assert logs[0] == logs[1] and len(logs[0]) == 9
 
 
-def test_chat_bad_input(tmp_path):
+def test_chat_bad_input(tmp_path, plain_run, chat_runs):
     good = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]
     bad = {'no_role': [{'content': 'hi'}, good[1]], 'bot': [{'role': 'bot', 'content': 'hi'}, good[1]],
            'number': [{'role': 'user', 'content': 7}, good[1]], 'no_answer': [good[0]]}
@@ -123,48 +147,31 @@ def test_chat_bad_input(tmp_path):
     (tmp_path / 'text.jsonl').write_text('{"text": "plain"}\n{"text": "words"}\n')
     out = tmp_path / 'out'
     prep = lambda f, *flags: ['data/chat/prepare.py', f'--input={tmp_path / f}', f'--out_dir={out}', *flags]
+    root, runs, _ = chat_runs
     cases = [(prep('no_role.jsonl'), 'row 2: message 1 has no role'),
              (prep('bot.jsonl'), "message 1 has the unknown role 'bot'"),
              (prep('number.jsonl'), 'message 1 has content that is not a string'),
              (prep('no_answer.jsonl'), 'row 2: it has no assistant turn'),
              (prep('empty.jsonl'), 'is empty'),
              (prep('notjson.jsonl'), 'line 2 is not JSON'),
-             (prep('text.jsonl'), "has no 'messages' column")]
-    # a chat run resumed on plain text, and a plain run on chat data
-    write_jsonl(tmp_path / 'good.jsonl', reversal(40, 0))
-    run_script('data/chat/prepare.py', f'--input={tmp_path / "good.jsonl"}', f'--out_dir={tmp_path / "chat"}',
-               '--tokenizer=char')
-    plain = write_char_dataset(str(tmp_path / 'plain'))
-    train = lambda data, out, *flags: run_script('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY,
-                                                 '--block_size=24', '--max_iters=2', '--eval_interval=2', *flags)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda a: train(*a), [(tmp_path / 'chat', tmp_path / 'chat-run'), (plain, tmp_path / 'plain-run')]))
-    cases += [(['train.py', '--init_from=resume', f'--out_dir={tmp_path / "chat-run"}', f'--data_dir={plain}',
-                '--max_iters=4'], 'was trained on a chat dataset and'),
-              (['train.py', '--init_from=resume', f'--out_dir={tmp_path / "plain-run"}',
-                f'--data_dir={tmp_path / "chat"}', '--max_iters=4'], 'was trained on a plain-text dataset'),
-              (['chat.py', f'--out_dir={tmp_path / "chat-run"}', f'--prompt={"abcd" * 10}', '--device=cpu'],
-               'the model sees at most 24'),
-              (['chat.py', f'--out_dir={tmp_path / "plain-run"}', '--prompt=hi', '--device=cpu'],
-               'has no <|endoftext|>')]
-    run_bad_inputs(cases, protect=[tmp_path / 'chat-run', tmp_path / 'plain-run'])
+             (prep('text.jsonl'), "has no 'messages' column"),
+             # a chat run resumed on plain text, and a plain run on chat data
+             (['train.py', '--init_from=resume', f'--out_dir={runs[True]}', f'--data_dir={plain_run / "data"}',
+               f'--max_iters=300'], 'was trained on a chat dataset and'),
+             (['train.py', '--init_from=resume', f'--out_dir={plain_run / "run"}', f'--data_dir={root / "data"}',
+               '--max_iters=8'], 'was trained on a plain-text dataset'),
+             (['chat.py', f'--out_dir={runs[True]}', f'--prompt={"abcd" * 20}', '--device=cpu'],
+              'the model sees at most 48'),
+             (['chat.py', f'--out_dir={plain_run / "run"}', '--prompt=hi', '--device=cpu'], 'has no <|endoftext|>')]
+    run_bad_inputs(cases, protect=[runs[True], plain_run / 'run'])
     assert not out.exists()
 
 
-def test_chat_acceptance(tmp_path, full):
+def test_chat_acceptance(chat_runs, full, tmp_path):
     """>= 95% exact replies on held-out conversations through chat.py --prompt, and the same steps without the mask
     (every token a target) do worse. CI: 250 steps, 100 held out; --full: 400 steps, 1000 held out."""
-    steps, held = (400, 1000) if full else (250, 100)
-    write_jsonl(tmp_path / 'train.jsonl', reversal(4000, 0))
-    held_out = reversal(held, 1)
-    run_script('data/chat/prepare.py', f'--input={tmp_path / "train.jsonl"}', f'--out_dir={tmp_path / "data"}',
-               '--tokenizer=char')
-    runs = {mask: tmp_path / f'mask-{mask}' for mask in (True, False)}
-    with ThreadPoolExecutor(2) as pool:
-        done = list(pool.map(lambda kv: run_script(
-            'train.py', f'--data_dir={tmp_path / "data"}', f'--out_dir={kv[1]}', *CHAT, f'--max_iters={steps}',
-            f'--lr_decay_iters={steps}', f'--eval_interval={steps}', f'--chat_mask={kv[0]}'), runs.items()))
-    assert 'chat data (gpt2-plain-v1): train 3,600 conversations' in done[0].stdout
+    root, runs, steps = chat_runs
+    held_out = reversal(1000 if full else 100, 1)
     masked, unmasked = score(runs[True], held_out), score(runs[False], held_out)
     print(f"held-out exact replies after {steps} steps: masked {masked:.1%}, unmasked {unmasked:.1%}")
     assert masked >= 0.95 and unmasked <= masked - 0.3, (masked, unmasked)
