@@ -101,7 +101,7 @@ if __name__ == '__main__':
     configure(globals())
     val = np.memmap(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'val.bin'),
                     dtype=np.uint16, mode='r')
-    results, ref = {}, None
+    ref = ref_loss = None
     for fmt in formats.split(','):
         if fmt not in ('float32', 'bfloat16', 'int8'):
             fail(f"unknown format '{fmt}'; use float32, bfloat16 or int8")
@@ -118,7 +118,7 @@ if __name__ == '__main__':
                 _, loss = model(x, y)
                 total, n = total + loss.item() * len(b), n + len(b)
             out = model.generate(torch.tensor([[int(val[0])]]), greedy_tokens, temperature=0)[0, 1:]
-        ref = out if ref is None else ref
+        (ref, ref_loss) = (out, total / n) if ref is None else (ref, ref_loss)
         agree = (out == ref).float().mean().item()
-        print(f"{fmt:>9}: val loss {total / n:.4f} over {n} blocks of {T}; greedy tokens agreeing with "
-              f"{formats.split(',')[0]}: {agree:.1%}", flush=True)
+        print(f"{fmt:>9}: val loss {total / n:.5f} ({total / n - ref_loss:+.5f}) over {n} blocks of {T}; greedy tokens "
+              f"agreeing with {formats.split(',')[0]}'s: {agree:.1%}; distinct tokens {len(set(out.tolist()))}", flush=True)
