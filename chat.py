@@ -17,6 +17,7 @@ import torch
 import chat_format
 import memory
 from configurator import configure, fail, unused
+from quantize import FORMATS, decoding_model
 from runtime import autocast, load_model, pick_compile, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
@@ -32,6 +33,7 @@ seed = 1337
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where native, float16 on older GPUs, float32 on cpu), or set one
 compile = None  # torch.compile the prefill and decode steps; None = on for CUDA GPUs, off elsewhere
+quantize = 'none'  # 'int8': int8 weights with per-channel scales, made at load (quantize.py)
 # -----------------------------------------------------------------------------
 configure(globals(), optional=('top_k',))
 memory.explain_oom("--max_new_tokens")
@@ -43,6 +45,8 @@ if top_k is not None and top_k <= 0:
     fail(f"top_k must be a positive integer or None (all tokens), got {top_k}")
 if not 0 < top_p <= 1:
     fail(f"top_p must be in (0, 1] (1 = all tokens), got {top_p}")
+if quantize not in FORMATS:
+    fail(f"unknown quantize '{quantize}'; use {' or '.join(FORMATS)}")
 if not 0 <= seed < 2**64:
     fail(f"seed must be in [0, 2**64), got {seed}")
 if temperature == 0:
@@ -69,6 +73,7 @@ if not trained:
 elif trained.get('format') != chat_format.FORMAT:
     print(f"note: the model was trained on chat format {trained.get('format')!r}, this chat.py writes "
           f"{chat_format.FORMAT!r}", file=sys.stderr)
+model = decoding_model(model, dtype, quantize)  # weights stored as decoding reads them
 cfg, block = model.config, model.config.block_size
 memory.check(memory.sampling(sum(p.numel() for p in model.parameters()), cfg.n_layer, cfg.n_embd, block,
                              cfg.vocab_size, 1, block, dtype), device, 'chat.py')

@@ -46,12 +46,12 @@ def write_jsonl(path, convs):
     return path
 
 
-def ask(out, prompt, system=''):
+def ask(out, prompt, system='', extra=()):
     """chat.py --prompt run in this process (runpy: the script as a user runs it, without a Python start per
     prompt); returns what it printed"""
     argv = sys.argv
     sys.argv = ['chat.py', f'--out_dir={out}', f'--prompt={prompt}', '--temperature=0', '--device=cpu'] + \
-               ([f'--system={system}'] if system else [])
+               ([f'--system={system}'] if system else []) + list(extra)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
@@ -62,11 +62,11 @@ def ask(out, prompt, system=''):
     return buf.getvalue()
 
 
-def score(out, convs):
+def score(out, convs, extra=()):
     right = 0
     for c in convs:
         system = c[0]['content'] if c[0]['role'] == 'system' else ''
-        right += ask(out, c[-2]['content'], system) == c[-1]['content'] + '\n'
+        right += ask(out, c[-2]['content'], system, extra) == c[-1]['content'] + '\n'
     return right / len(convs)
 
 
@@ -175,6 +175,7 @@ def test_chat_acceptance(chat_runs, full, tmp_path):
     masked, unmasked = score(runs[True], held_out), score(runs[False], held_out)
     print(f"held-out exact replies after {steps} steps: masked {masked:.1%}, unmasked {unmasked:.1%}")
     assert masked >= 0.95 and unmasked <= masked - 0.3, (masked, unmasked)
+    assert score(runs[True], held_out[:20], ['--quantize=int8']) >= 0.95  # int8 weights answer as well
     # the interactive session: streaming replies, /reset, /exit
     p = subprocess.run([sys.executable, 'chat.py', f'--out_dir={runs[True]}', '--temperature=0', '--device=cpu'],
                        cwd=REPO, input='abcd\n/reset\nwxyz\n/exit\nnever\n', capture_output=True, text=True, timeout=120)
