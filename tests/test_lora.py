@@ -158,3 +158,20 @@ def test_peft_export_and_chat_template(tmp_path, tiktoken_offline):
             ids = tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=reply)
             ids = ids['input_ids'] if isinstance(ids, dict) or hasattr(ids, 'keys') else ids
             assert list(ids) == chat_format.render(conv, enc.encode_ordinary, enc.eot_token, reply=reply)[0]
+
+
+def test_lora_under_ddp_and_activation_checkpointing_matches_one_process(runs):
+    """two torchrun processes (gloo) and recomputed blocks train the adapters to the one-process losses: DDP averages
+    the adapters' gradients only (the frozen base has none), and checkpointing recomputes the adapted Linears"""
+    root, data = runs[0], runs[1]
+    flags = [f'--data_dir={data}', *TINY, '--gradient_accumulation_steps=2', '--init_from=finetune',
+             f'--finetune_from={root / "base"}', '--lora_rank=4', '--max_iters=4', '--eval_interval=4']
+    run_script('train.py', f'--out_dir={root / "one"}', *flags)
+    run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               f'--out_dir={root / "ddp"}', '--backend=gloo', *flags)
+    run_script('train.py', f'--out_dir={root / "ac"}', '--activation_checkpointing=True', *flags)
+    one = [r['loss'] for r in log(root / 'one') if r.get('loss') is not None]
+    assert len(one) == 4 and one[-1] != one[0]
+    for other in ('ddp', 'ac'):  # all-reduce order and recomputation: float32 rounding, no more
+        got = [r['loss'] for r in log(root / other) if r.get('loss') is not None]
+        assert got == pytest.approx(one, abs=1e-5), (other, got, one)
