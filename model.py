@@ -161,10 +161,11 @@ class KVCache(nn.Module):
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos, k, v):
+    def update(self, pos, k, v, span):
+        """write k, v at positions pos; return the first span positions, those the caller attends over"""
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
+        return self.k[:, :, :span], self.v[:, :, :span]
 
 
 class CausalSelfAttention(nn.Module):
@@ -191,7 +192,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # (cos, sin) at this call's positions; the cache then holds rotated keys
             q, k = rotate(q, *rope), rotate(k, *rope)
         if pos is not None:  # decoding: store this step's keys / values, attend over the whole cache under mask
-            k, v = self.cache.update(pos, k, v)
+            k, v = self.cache.update(pos, k, v, mask.size(-1))
         y = attend(q, k, v, self.kind, self.arg, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(project(self.c_proj, y))
@@ -306,11 +307,12 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, pos=None):
+    def forward(self, idx, targets=None, pos=None, span=None):
         """idx (B, T) -> (logits, loss). With targets: logits for every position and the mean cross-entropy
         (targets of -1 are ignored). Without: only the last position's logits, loss None.
         pos: None for a causal pass over positions 0..T-1 (training, evaluation); while generating, a (T,) tensor
-        of the absolute positions of idx, whose keys and values go into the KV cache (setup_caches)."""
+        of the absolute positions of idx, whose keys and values go into the KV cache (setup_caches), and span: how
+        many cache positions to attend over (None: the whole cache)."""
         B, T = idx.size()
         if pos is None:
             if T > self.config.block_size:
@@ -318,8 +320,10 @@ class GPT(nn.Module):
             positions, mask = torch.arange(T, device=idx.device), None
         else:
             positions = pos
-            cache_len = self.transformer.h[0].attn.cache.k.size(2)
-            mask = self.causal_mask[pos, :cache_len]  # (T, cache_len): the keys each query may see, stale ones not
+            # attend over the cache's first span positions (generate passes the filled ones, rounded up), not all of
+            # it: a decode step at batch 1 reads those keys and values as well as every weight
+            span = span or self.transformer.h[0].attn.cache.k.size(2)
+            mask = self.causal_mask[pos, :span]  # (T, span): the keys each query may see, stale ones not
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos_emb == 'learned':
@@ -447,14 +451,16 @@ class GPT(nn.Module):
         weights' by default), and the causal mask they are read through. generate() sizes them by cache_length(). Kept until clear_caches(), so later calls reuse them (and any
         CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
         cfg, w = self.config, self.transformer.wte.weight  # the activations' dtype (the head may be int8)
-        shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.n_embd // cfg.n_head)
+        # one slot more than asked: generate's span never covers a whole cache, so the slice it attends is always a
+        # strided view and one compiled graph serves every span (a whole-cache slice is contiguous: a second graph)
+        shape = (batch_size, cfg.n_head, (length or cfg.block_size) + 1, cfg.n_embd // cfg.n_head)
         dtype = dtype or w.dtype
         first = self.transformer.h[0].attn.cache
         if first is not None and first.k.shape == shape and first.k.dtype == dtype and first.k.device == w.device:
             return
         for block in self.transformer.h:
             block.attn.cache = KVCache(shape, dtype, w.device)
-        self.causal_mask = causal_mask(cfg.block_size, cfg.block_size, w.device)
+        self.causal_mask = causal_mask(cfg.block_size + 1, cfg.block_size + 1, w.device)[:-1]  # as wide as a cache
 
     def cache_length(self, n):
         """The cache length for n positions: the smallest of block/8, block/4, block/2 and block that holds them (the
@@ -485,28 +491,33 @@ class GPT(nn.Module):
         block, V, device = self.config.block_size, self.config.vocab_size, idx.device
         out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)  # no per-token concatenation
         out[:, :T0] = idx
+        room = block  # how many cache positions a step may attend over: the cache's length, less its spare slot
         if use_cache:
             autocast = torch.is_autocast_enabled(device.type)
             self.setup_caches(B, torch.get_autocast_dtype(device.type) if autocast else None,
                               self.cache_length(T0 + max_new_tokens))
+            room = self.transformer.h[0].attn.cache.k.size(2) - 1
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
+        grain = max(1, block // 16)  # attention reads the filled cache rounded up to this: <= 16 spans (CUDA graphs)
+        draws = top_k if top_k is not None and top_k < V else V  # sample_logits' noise: one per candidate token
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
         t = T0
         while t < T0 + max_new_tokens:
             if t - start > block:  # full: slide the window, rebuild the cache from the kept half
                 start, cached = t - max(1, block // 2), 0
-            noise = None if temperature == 0 else torch.empty(B, V, device=device).exponential_()
+            noise = None if temperature == 0 else torch.empty(B, draws, device=device).exponential_()
+            span = min(room, -(-(t - start) // grain) * grain)  # the cache positions filled so far, rounded up
             if not use_cache:
                 logits, _ = self(out[:, start:t])
                 nxt = sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
-            elif t - start - cached == 1:  # one new token: the decode step, at the same shapes for every position
+            elif t - start - cached == 1:  # one new token: the decode step, one graph for every position and span
                 # a contiguous copy: out's row stride (its total length) would be guarded on, one graph per length
                 last = out[:, t - 1:t].clone(memory_format=torch.contiguous_format)
-                nxt = decode_fn(self, last, torch.full((1,), t - 1 - start, device=device), noise, temperature,
+                nxt = decode_fn(self, last, torch.full((1,), t - 1 - start, device=device), span, noise, temperature,
                                 top_k, top_p)
             else:  # the prompt, or a slid window: all its tokens in one forward
-                nxt = prefill_fn(self, out[:, start + cached:t], torch.arange(cached, t - start, device=device),
+                nxt = prefill_fn(self, out[:, start + cached:t], torch.arange(cached, t - start, device=device), span,
                                  noise, temperature, top_k, top_p)
             cached = t - start
             out[:, t] = nxt[:, 0]  # copied out at once: a CUDA graph's output is overwritten by its next replay
@@ -523,32 +534,33 @@ class GPT(nn.Module):
 def sample_logits(logits, noise, temperature, top_k=None, top_p=None):
     """(B, V) logits -> (B, 1) next ids. temperature 0: argmax. Otherwise a sample from softmax(logits / temperature),
     cut to the top_k tokens and / or the smallest set whose probability reaches top_p, drawn as argmax(p / noise)
-    with noise ~ Exp(1) per entry (the exponential race: exact, no host sync, no RNG inside a compiled graph, so
-    the compiled and eager paths draw the same tokens from the same noise)."""
+    with noise ~ Exp(1) per candidate, (B, top_k) or (B, V) (the exponential race: exact, no host sync, no RNG inside
+    a compiled graph, so the compiled and eager paths draw the same tokens from the same noise)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float()
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0 before dividing: no overflow to inf
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float('inf'))
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):  # the rest works on top_k candidates, not the vocabulary
+        logits, ids = torch.topk(logits, top_k)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the set before this token already reaches top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return (probs / noise).argmax(-1, keepdim=True)
+    pick = (probs / noise).argmax(-1, keepdim=True)
+    return pick if ids is None else ids.gather(-1, pick)
 
 
-def prefill(model, idx, pos, noise, temperature, top_k, top_p):
+def prefill(model, idx, pos, span, noise, temperature, top_k, top_p):
     """several tokens at positions pos into the cache (the prompt, or a slid window); the next token after them"""
-    logits, _ = model(idx, pos=pos)
+    logits, _ = model(idx, pos=pos, span=span)
     return sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
 
 
-def decode_one(model, idx, pos, noise, temperature, top_k, top_p):
-    """one token (B, 1) at position pos (a 1-element tensor): the same shapes at every position"""
-    logits, _ = model(idx, pos=pos)
+def decode_one(model, idx, pos, span, noise, temperature, top_k, top_p):
+    """one token (B, 1) at position pos (a 1-element tensor), attending over the cache's first span positions"""
+    logits, _ = model(idx, pos=pos, span=span)
     return sample_logits(logits[:, -1], noise, temperature, top_k, top_p)
 
 
@@ -556,11 +568,18 @@ _compiled = {}
 
 
 def compiled_steps(device_type):
-    """prefill compiled for any prompt length, decode_one compiled once for every position (with CUDA graphs on
-    CUDA: a decode step is dozens of small kernels, and replaying them as one graph removes their launch cost).
+    """prefill compiled for any prompt length, decode_one compiled once for every position and span (the span is a
+    dynamic size; with CUDA graphs on CUDA, one recorded per span: a decode step is dozens of small kernels, and
+    replaying them as one graph removes their launch cost).
     Two separate functions, so each keeps its own compiled code. The first call of each pays the compilation."""
     if device_type not in _compiled:
-        _compiled[device_type] = (
-            torch.compile(prefill, fullgraph=True, dynamic=True),
-            torch.compile(decode_one, fullgraph=True, mode='reduce-overhead' if device_type == 'cuda' else 'default'))
+        if device_type == 'cuda':
+            how = dict(mode='reduce-overhead')
+        elif device_type == 'cpu':  # a LayerNorm's output is computed once, not again inside every row of the weight
+            # reduction it feeds (inductor inlines a pointwise input of up to 12 reads on CPU): 16% faster at 124M int8
+            how = dict(options={'realize_acc_reads_threshold': 4})
+        else:
+            how = {}
+        _compiled[device_type] = (torch.compile(prefill, fullgraph=True, dynamic=True),
+                                  torch.compile(decode_one, fullgraph=True, dynamic=True, **how))  # dynamic: any span
     return _compiled[device_type]

@@ -309,7 +309,7 @@ def test_generate_keeps_static_caches_until_cleared():
     prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
     out = model.generate(prompt, 30, temperature=0)
     cache = model.transformer.h[0].attn.cache
-    assert cache.k.shape == (2, 2, 16, 16) and model.causal_mask.shape == (16, 16)
+    assert cache.k.shape == (2, 2, 16 + 1, 16) and model.causal_mask.shape == (16, 16 + 1)  # a spare slot (setup_caches)
     ptr = cache.k.data_ptr()
     assert torch.equal(model.generate(prompt, 30, temperature=0), out)  # reused, and stale slots are masked out
     assert model.transformer.h[0].attn.cache.k.data_ptr() == ptr
@@ -321,6 +321,19 @@ def test_generate_keeps_static_caches_until_cleared():
     assert model.transformer.h[0].attn.cache is None and model.causal_mask is None
     assert not model.training
 
+
+def test_decode_reads_only_the_filled_span_of_the_cache():
+    """a decode step attends over the filled cache positions rounded up to block // 16, not the whole cache: slots
+    past that are never read (NaN planted there would poison every token if they were), eager and compiled"""
+    model = tiny_gpt(block_size=64)
+    prompt = torch.randint(0, VOCAB, (1, 3), generator=torch.Generator().manual_seed(13))
+    want = model.generate(prompt, 40, temperature=0, use_cache=False)
+    for compile in (False, True):
+        model.setup_caches(1, None, model.cache_length(43))  # 64 positions (+1); generate keeps caches of its shape
+        for block in model.transformer.h:
+            block.attn.cache.k[:, :, 48:] = float('nan')  # 43 positions, rounded up to a multiple of 4: 44 read
+            block.attn.cache.v[:, :, 48:] = float('nan')
+        assert torch.equal(model.generate(prompt, 40, temperature=0, compile=compile), want), compile
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     """sample_logits with top_p: only tokens of the nucleus are ever drawn, and the draw follows their probabilities"""
@@ -338,6 +351,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     tiny = sample_logits(torch.tensor([[1.0, 3.0, 2.0]]), torch.ones(1, 3), 1e-30, None, None)
     assert tiny.item() == 1  # a vanishing temperature is greedy, not NaN
 
+
+def test_top_k_draws_follow_the_softmax_of_the_k_best():
+    """top_k: the noise covers only the k candidates (B, k), ids map back to the vocabulary, the draw follows
+    softmax(logits / temperature) renormalised over the k best, and top_p then cuts inside them"""
+    from model import sample_logits
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    for temperature in (1.0, 0.5):
+        torch.manual_seed(0)
+        draws = torch.cat([sample_logits(logits, torch.empty(1, 2).exponential_(), temperature, 2, None)
+                           for _ in range(4000)])
+        freq = torch.bincount(draws.flatten(), minlength=5).float() / 4000
+        p1 = 1 / (1 + math.exp(-1 / temperature))  # token 1 against token 2, a logit apart
+        assert freq[[0, 3, 4]].sum() == 0 and abs(freq[1].item() - p1) < 0.03, (temperature, freq)
+    torch.manual_seed(0)  # top_k 3, then top_p 0.7: p over {1, 2, 3} is .665 / .245 / .090, the nucleus is {1, 2}
+    draws = torch.cat([sample_logits(logits, torch.empty(1, 3).exponential_(), 1.0, 3, 0.7) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / 4000
+    assert freq[[0, 3, 4]].sum() == 0 and abs(freq[1].item() - 0.665 / 0.910) < 0.03, freq
 
 def test_sampling_shape_range_and_top_k_one_is_greedy():
     model = tiny_gpt(block_size=16)

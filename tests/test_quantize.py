@@ -92,3 +92,17 @@ def test_quantised_checkpoints_and_training_are_refused(tmp_path):
         (['sample.py', f'--out_dir={tmp_path / "q"}', '--device=cpu'], said),
         (['train.py', '--quantize=int8', f'--out_dir={tmp_path / "t"}'], "unknown config key 'quantize'"),
     ], protect=[tmp_path])
+
+
+def test_every_format_decodes_a_model_without_a_position_table():
+    """pos_emb='rope' has no wpe: bf16 weights and int8 twins are still made, and decode close to float32"""
+    model = tiny(pos_emb='rope', norm='rmsnorm', qk_norm=True)
+    x = torch.randint(0, 65, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)[0]
+        for dtype, kind in (('bfloat16', 'none'), ('float32', 'int8')):
+            q = decoding_model(copy.deepcopy(model), dtype, kind)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+                logits = q(x)[0].float()
+                assert q.generate(x, 5, temperature=0).shape == (1, 13)
+            assert (logits - ref).abs().max() < 0.05 * ref.abs().max(), (dtype, kind)
