@@ -109,7 +109,9 @@ cpu, ctx = torch.device('cpu'), torch.autocast('cpu', enabled=False)
 with FakeMemory(1 << 40) as mem:
     autobatch.trial(model, 2 if dist.get_rank() else 8, 32, 65, cpu, ctx, 0)
 with FakeMemory(mem.peak):  # rank 0 fits 8 sequences, rank 1 only 2
-    print('RANK', dist.get_rank(), autobatch.choose(model, 16, 32, 65, cpu, ctx, 0, ddp=True, log=print), flush=True)
+    found = autobatch.choose(model, 16, 32, 65, cpu, ctx, 0, ddp=True, log=print)
+    sys.stdout.write(f'RANK {dist.get_rank()} {found}\n')  # one write: the two processes share the pipe
+    sys.stdout.flush()
 dist.destroy_process_group()
 """
 
