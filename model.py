@@ -448,8 +448,9 @@ class GPT(nn.Module):
 
     def setup_caches(self, batch_size, dtype=None, length=None):
         """KV caches of batch_size x length positions (block_size by default) in every attention layer (dtype: the
-        weights' by default), and the causal mask they are read through. generate() sizes them by cache_length(). Kept until clear_caches(), so later calls reuse them (and any
-        CUDA graph recorded on them); a call with the same shape and dtype is a no-op."""
+        weights' by default), and the causal mask they are read through. generate() sizes them by cache_length().
+        Kept until clear_caches(), so later calls reuse them (and any CUDA graph recorded on them); a call with the
+        same shape and dtype is a no-op."""
         cfg, w = self.config, self.transformer.wte.weight  # the activations' dtype (the head may be int8)
         # one slot more than asked: generate's span never covers a whole cache, so the slice it attends is always a
         # strided view and one compiled graph serves every span (a whole-cache slice is contiguous: a second graph)
@@ -464,10 +465,11 @@ class GPT(nn.Module):
 
     def cache_length(self, n):
         """The cache length for n positions: the smallest of block/8, block/4, block/2 and block that holds them (the
-        whole block once the window slides). A decode step reads its whole cache, so a short generation should not
-        read a full block; but every distinct length is a new compiled graph (a cache's shape is static to dynamo,
-        whose recompile limit of 8 fails a fullgraph function outright), so lengths come from this fixed set: at
-        most 4 decode and 4 prefill graphs per batch size, whatever the prompts and lengths asked for."""
+        whole block once the window slides). A step reads only the span it attends (generate), but the cache is
+        allocated whole, so a short generation should not hold a full block; and every distinct length is a new
+        compiled graph (a cache's shape is static to dynamo, whose recompile limit of 8 fails a fullgraph function
+        outright), so lengths come from this fixed set: at most 4 decode and 4 prefill graphs per batch size,
+        whatever the prompts and lengths asked for."""
         block = self.config.block_size
         return next(L for L in (-(-block // 8), -(-block // 4), -(-block // 2), block) if L >= min(n, block))
 
