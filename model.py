@@ -5,7 +5,8 @@ One self-contained GPT-2 language model, nanoGPT style.
 - attention through scaled_dot_product_attention (flash where the device has it), plus the
   attention variants of `attn_type` below (naive references of each live in tests/reference.py)
 - generate(): a static KV cache written in place, the prompt prefilled at once, then one token per step by a
-  function that has the same shapes at every position, so it can be compiled once (CUDA graphs on GPUs)
+  function that has the same shapes at every position, so it can be compiled once (CUDA graphs on GPUs; on CPUs
+  exported and called without torch.compile's per-call guards)
 - from_pretrained() for the OpenAI checkpoints or any local Hugging Face GPT-2 directory
 - opt-in architecture of the speedrun era (GPTConfig; defaults are GPT-2, bit for bit; scored in docs/ARCHITECTURE.md):
   pos_emb='rope' (rotary q and k, no position table), norm='rmsnorm', qk_norm (q and k RMS-normalised per head),
@@ -500,6 +501,9 @@ class GPT(nn.Module):
                               self.cache_length(T0 + max_new_tokens))
             room = self.transformer.h[0].attn.cache.k.size(2) - 1
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
+        if compile and use_cache and device.type == 'cpu':  # the decode step without dynamo's per-call checks
+            decode_fn = exported_decode(self, B, top_k if top_k is not None and top_k < V else V, temperature,
+                                        top_k, top_p)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
         grain = max(1, block // 16)  # attention reads the filled cache rounded up to this: <= 16 spans (CUDA graphs)
         draws = top_k if top_k is not None and top_k < V else V  # sample_logits' noise: one per candidate token
@@ -572,7 +576,8 @@ _compiled = {}
 def compiled_steps(device_type):
     """prefill compiled for any prompt length, decode_one compiled once for every position and span (the span is a
     dynamic size; with CUDA graphs on CUDA, one recorded per span: a decode step is dozens of small kernels, and
-    replaying them as one graph removes their launch cost).
+    replaying them as one graph removes their launch cost). On a CPU generate() takes its decode step from
+    exported_decode instead (the same function and inductor options, without dynamo's per-call guards).
     Two separate functions, so each keeps its own compiled code. The first call of each pays the compilation."""
     if device_type not in _compiled:
         if device_type == 'cuda':
@@ -585,3 +590,70 @@ def compiled_steps(device_type):
         _compiled[device_type] = (torch.compile(prefill, fullgraph=True, dynamic=True),
                                   torch.compile(decode_one, fullgraph=True, dynamic=True, **how))  # dynamic: any span
     return _compiled[device_type]
+
+
+_decode_steps = {}  # the compiled decode steps (exported_decode), by model structure, shapes and sampling settings
+
+
+class _DecodeStep(nn.Module):
+    """decode_one with the sampling settings fixed, as the module torch.export takes"""
+
+    def __init__(self, model, temperature, top_k, top_p):
+        super().__init__()
+        self.model, self.settings = model, (temperature, top_k, top_p)
+
+    def forward(self, idx, pos, span, noise):
+        return decode_one(self.model, idx, pos, span, noise, *self.settings)
+
+
+def exported_decode(model, B, draws, temperature, top_k, top_p):
+    """decode_one for this model's structure and these sampling settings, compiled by inductor from a torch.export
+    graph whose inputs are the weights and caches themselves (the span a dynamic size), and called directly: a
+    torch.compile'd function checks ~1,000 guards on every call (each weight's and cache's dtype, shape and strides,
+    the modules' attributes), 0.6-0.9 ms per token at 124M on a 2-core CPU, a sixth of an int8 step
+    (docs/BENCHMARKS.md). Compiled once per structure (module types, tensor names, shapes and dtypes, config) and
+    settings, so new caches, a re-cast twin (train.py's samples) or new weights of the same shapes reuse it.
+    Returns decode_fn(model, idx, pos, span, noise, *settings) -> next ids, as decode_one."""
+    step = _DecodeStep(model, temperature, top_k, top_p)
+    autocast = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
+    structure = (repr(model.config), model.training, tuple(type(m).__name__ for m in model.modules()),
+                 tuple((n, t.dtype, t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]))
+    key = (structure, B, draws, temperature, top_k, top_p, autocast)
+    if key not in _decode_steps:
+        cache = model.transformer.h[0].attn.cache.k
+        # an example span, of a size no tensor has: an equal one would be taken for the same symbol by inductor
+        # (a graph then wrong for every other span); the graph holds for the range export proves (checked below)
+        sizes = {n for t in [*model.parameters(), *model.buffers(), model.causal_mask] for n in t.shape} | {B, draws}
+        span = next((n for n in range(cache.size(2) - 1, 1, -1) if n not in sizes), None)
+        if span is None:  # a cache of a few positions: nothing to gain
+            return decode_one
+        idx = torch.zeros(B, 1, dtype=torch.long, device=cache.device)
+        pos = torch.zeros(1, dtype=torch.long, device=cache.device)
+        noise = None if temperature == 0 else torch.ones(B, draws, device=cache.device)
+        program = torch.export.export(step, (idx, pos, span, noise), strict=False,
+                                      dynamic_shapes=(None, None, torch.export.Dim.DYNAMIC, None))
+        # the graph takes the weights, caches and constant tensors first (input_specs names them), then ours
+        names = [spec.target for spec in program.graph_signature.input_specs if spec.target is not None]
+        sym = next(n.meta['val'] for n in program.graph.nodes if n.op == 'placeholder' and n.name == 'span')
+        bounds = program.range_constraints[sym.node.expr]
+        state = [_attribute(step, name) for name in names]
+        with torch._inductor.config.patch(realize_acc_reads_threshold=4):  # as compiled_steps, see there
+            fn = torch._inductor.standalone_compile(program.graph_module, [*state, idx, pos, span, noise],
+                                                    dynamic_shapes='from_graph')
+        _decode_steps[key] = fn, names, int(bounds.lower), int(bounds.upper)
+    fn, names, lo, hi = _decode_steps[key]
+    state = [_attribute(step, name) for name in names]  # this model's own tensors, read in place: no copies
+
+    def decode_fn(model, idx, pos, span, noise, *settings):
+        if not lo <= span <= hi:  # a span the graph was not proved for (a span of 1: block_size < 32) runs eagerly
+            return decode_one(model, idx, pos, span, noise, *settings)
+        out = fn(*state, idx, pos, span, noise)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return decode_fn
+
+
+def _attribute(module, name):
+    """module's tensor at a dotted name ('model.transformer.h.0.attn.cache.k'): a weight, buffer or plain tensor"""
+    for part in name.split('.'):
+        module = getattr(module, part)
+    return module

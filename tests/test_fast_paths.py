@@ -1,6 +1,8 @@
 """Every speed lever computes the same numbers as the plain path: activation checkpointing, fused AdamW,
 torch.compile (inductor on CPU), SDPA attention, and bf16 autocast (within bf16's precision)."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -124,6 +126,44 @@ def test_compiled_generate_is_two_graphs_and_the_same_tokens(B):
     assert graphs <= 2 and breaks == 0, (graphs, breaks)
     _, graphs, _ = compile_counts(lambda: run(True), reset=False)  # warm: nothing new to compile
     assert graphs == 0
+
+
+def test_cpu_decode_step_runs_without_dynamo_and_is_compiled_once():
+    """on a CPU the compiled decode step is inductor's code for a torch.export graph that takes the weights and caches
+    as inputs, called with no dynamo guards per token: dynamo compiles only the prefill. One step per structure and
+    sampling settings, reused by a twin with other tensors (train.py's samples) and by new caches; int8 weights and bf16
+    weights under autocast take it too; a span of 1 (block_size < 32), which the graph is not proved for, runs eagerly"""
+    import model as model_module
+    from quantize import cast_weights, quantize
+    model_module._decode_steps.clear()
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+
+    def run(m, compile, n=40, x=prompt):
+        torch.manual_seed(3)
+        return m.generate(x, n, temperature=0.8, top_k=20, compile=compile)
+
+    eager = run(model, False)
+    compiled, graphs, breaks = compile_counts(lambda: run(model, True))
+    assert torch.equal(compiled, eager) and graphs == 1 and breaks == 0, (graphs, breaks)  # the prefill's graph
+    assert len(model_module._decode_steps) == 1
+    cache = weakref.ref(model.transformer.h[0].attn.cache.k)
+    model.clear_caches()
+    gc.collect()
+    assert cache() is None  # the compiled step keeps no tensor of the model it was compiled on
+    twin = copy.deepcopy(model)  # the same structure, other tensors, new caches
+    twin.transformer.h[0].mlp.c_fc.weight.data.mul_(2)  # read in place, not baked in: the twin's tokens are its own
+    assert torch.equal(run(twin, True), run(twin, False)) and not torch.equal(run(twin, False), eager)
+    assert len(model_module._decode_steps) == 1
+    q = quantize(copy.deepcopy(model), 'int8')
+    assert torch.equal(run(q, True), run(q, False))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        b = cast_weights(copy.deepcopy(model), 'bfloat16')
+        assert torch.equal(run(b, True, 8), run(b, False, 8))  # bf16 sums in another order part ways later
+    assert len(model_module._decode_steps) == 3
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16, bias=False)).eval()
+    assert torch.equal(run(small, True, 30, prompt[:, :1]), run(small, False, 30, prompt[:, :1]))
 
 
 def test_compiled_hellaswag_bounded_compiles(monkeypatch):
