@@ -609,7 +609,7 @@ class _DecodeStep(nn.Module):
 def exported_decode(model, B, draws, temperature, top_k, top_p):
     """decode_one for this model's structure and these sampling settings, compiled by inductor from a torch.export
     graph whose inputs are the weights and caches themselves (the span a dynamic size), and called directly: a
-    torch.compile'd function checks ~1,000 guards on every call (each weight's and cache's dtype, shape and strides,
+    torch.compile'd function checks ~2,200 guards on every call (each weight's and cache's dtype, shape and strides,
     the modules' attributes), 0.6-0.9 ms per token at 124M on a 2-core CPU, a sixth of an int8 step
     (docs/BENCHMARKS.md). Compiled once per structure (module types, tensor names, shapes and dtypes, config) and
     settings, so new caches, a re-cast twin (train.py's samples) or new weights of the same shapes reuse it.
