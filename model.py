@@ -30,6 +30,7 @@ Attention variants (`attn_type`), for query i and causal window j <= i, d = head
 """
 
 import math
+import operator
 import re
 from dataclasses import dataclass
 
@@ -501,12 +502,11 @@ class GPT(nn.Module):
                               self.cache_length(T0 + max_new_tokens))
             room = self.transformer.h[0].attn.cache.k.size(2) - 1
         prefill_fn, decode_fn = compiled_steps(device.type) if compile and use_cache else (prefill, decode_one)
-        if compile and use_cache and device.type == 'cpu':  # the decode step without dynamo's per-call checks
-            decode_fn = exported_decode(self, B, top_k if top_k is not None and top_k < V else V, temperature,
-                                        top_k, top_p)
         start, cached = max(0, T0 - block), 0  # first token of the window; how many of the window are in the cache
         grain = max(1, block // 16)  # attention reads the filled cache rounded up to this: <= 16 spans (CUDA graphs)
         draws = top_k if top_k is not None and top_k < V else V  # sample_logits' noise: one per candidate token
+        if compile and use_cache and device.type == 'cpu':  # the decode step without dynamo's per-call checks
+            decode_fn = exported_decode(self, B, draws, temperature, top_k, top_p)
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
         t = T0
         while t < T0 + max_new_tokens:
@@ -577,16 +577,10 @@ def compiled_steps(device_type):
     """prefill compiled for any prompt length, decode_one compiled once for every position and span (the span is a
     dynamic size; with CUDA graphs on CUDA, one recorded per span: a decode step is dozens of small kernels, and
     replaying them as one graph removes their launch cost). On a CPU generate() takes its decode step from
-    exported_decode instead (the same function and inductor options, without dynamo's per-call guards).
+    exported_decode instead (the same function, without dynamo's per-call guards).
     Two separate functions, so each keeps its own compiled code. The first call of each pays the compilation."""
     if device_type not in _compiled:
-        if device_type == 'cuda':
-            how = dict(mode='reduce-overhead')
-        elif device_type == 'cpu':  # a LayerNorm's output is computed once, not again inside every row of the weight
-            # reduction it feeds (inductor inlines a pointwise input of up to 12 reads on CPU): 16% faster at 124M int8
-            how = dict(options={'realize_acc_reads_threshold': 4})
-        else:
-            how = {}
+        how = dict(mode='reduce-overhead') if device_type == 'cuda' else {}
         _compiled[device_type] = (torch.compile(prefill, fullgraph=True, dynamic=True),
                                   torch.compile(decode_one, fullgraph=True, dynamic=True, **how))  # dynamic: any span
     return _compiled[device_type]
@@ -612,7 +606,8 @@ def exported_decode(model, B, draws, temperature, top_k, top_p):
     torch.compile'd function checks ~2,200 guards on every call (each weight's and cache's dtype, shape and strides,
     the modules' attributes), 0.6-0.9 ms per token at 124M on a 2-core CPU, a sixth of an int8 step
     (docs/BENCHMARKS.md). Compiled once per structure (module types, tensor names, shapes and dtypes, config) and
-    settings, so new caches, a re-cast twin (train.py's samples) or new weights of the same shapes reuse it.
+    settings, so new caches, a re-cast twin (train.py's samples) or new weights of the same shapes reuse it (a
+    process that changes temperature, top_k or top_p compiles a step for each: dynamo's took them as symbols).
     Returns decode_fn(model, idx, pos, span, noise, *settings) -> next ids, as decode_one."""
     step = _DecodeStep(model, temperature, top_k, top_p)
     autocast = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
@@ -636,24 +631,18 @@ def exported_decode(model, B, draws, temperature, top_k, top_p):
         names = [spec.target for spec in program.graph_signature.input_specs if spec.target is not None]
         sym = next(n.meta['val'] for n in program.graph.nodes if n.op == 'placeholder' and n.name == 'span')
         bounds = program.range_constraints[sym.node.expr]
-        state = [_attribute(step, name) for name in names]
-        with torch._inductor.config.patch(realize_acc_reads_threshold=4):  # as compiled_steps, see there
+        state = [operator.attrgetter(name)(step) for name in names]
+        # a LayerNorm's output is computed once, not again inside every row of the weight reduction it feeds
+        # (inductor inlines a pointwise input of up to 12 reads on CPU): 16% faster at 124M int8
+        with torch._inductor.config.patch(realize_acc_reads_threshold=4):
             fn = torch._inductor.standalone_compile(program.graph_module, [*state, idx, pos, span, noise],
                                                     dynamic_shapes='from_graph')
         _decode_steps[key] = fn, names, int(bounds.lower), int(bounds.upper)
     fn, names, lo, hi = _decode_steps[key]
-    state = [_attribute(step, name) for name in names]  # this model's own tensors, read in place: no copies
+    state = [operator.attrgetter(name)(step) for name in names]  # this model's own tensors, in place: no copies
 
     def decode_fn(model, idx, pos, span, noise, *settings):
         if not lo <= span <= hi:  # a span the graph was not proved for (a span of 1: block_size < 32) runs eagerly
             return decode_one(model, idx, pos, span, noise, *settings)
-        out = fn(*state, idx, pos, span, noise)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return fn(*state, idx, pos, span, noise)[0]  # the graph's outputs come as a list
     return decode_fn
-
-
-def _attribute(module, name):
-    """module's tensor at a dotted name ('model.transformer.h.0.attn.cache.k'): a weight, buffer or plain tensor"""
-    for part in name.split('.'):
-        module = getattr(module, part)
-    return module
