@@ -219,17 +219,27 @@ def bytes_per_step(model):
     return total
 
 
+def kv_bytes_per_step(model):
+    """what a decode step's attention reads from the KV caches (keys and values of every layer and row), at the mean
+    span of the timed steps (those of the long run past the short one). The spans' rounding up is not counted: the
+    bound stays an upper one."""
+    cache = model.transformer.h[0].attn.cache.k  # (B, n_head, positions, head_size): the last (short) run's
+    span = min(model.config.block_size, prompt_tokens + (short_tokens + max_new_tokens) / 2)
+    return 2 * len(model.transformer.h) * cache[:, :, 0].numel() * cache.element_size() * span
+
+
 def bench_sample(attn, kind):
     """tokens/s of sample.py's own path (quantize.decoding_model, then model.generate under autocast with sample.py's
     sampling settings), eager and compiled, as (max_new_tokens - short_tokens) / (time of a max_new_tokens run - time
-    of a short_tokens run), so prefill and the first call's compilation cancel; against the weight-streaming bound
-    (a decode step of B tokens reads every weight once: bytes_per_step / bandwidth). The bandwidth is measured
-    between the runs and the best reading kept: on a busy machine one reading comes out low."""
+    of a short_tokens run), so prefill and the first call's compilation cancel; against the memory-streaming bound
+    (a decode step of B tokens reads every weight once, and each row's keys and values in every layer:
+    bytes / bandwidth). The bandwidth is measured between the runs and the best reading kept: on a busy machine one
+    reading comes out low."""
     model = decoding_model(make_model(attn).eval(), dtype, kind)
     weight_bytes = bytes_per_step(model)
     paths = ([('no cache', dict(use_cache=False))] if no_cache else []) + [('kv cache', {})] + \
         ([('kv cache, compiled', dict(compile=True))] if compile else [])  # --compile=True on CPU
-    rows, steps, readings = [], [], [bandwidth()]
+    rows, steps, step_bytes, readings = [], [], [], [bandwidth()]
     for B in sorted({1, sample_batch}):
         prompt = torch.randint(vocab_size, (B, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
         outs = []
@@ -249,16 +259,19 @@ def bench_sample(attn, kind):
             readings.append(bandwidth())
             outs.append(out)
             steps.append((max_new_tokens - short_tokens) / (long_s - short_s))
+            step_bytes.append(weight_bytes + (kv_bytes_per_step(model) if kw.get('use_cache', True) else 0))
             rows.append({'attn_type': attn, 'weights': kind if kind != 'none' else dtype, 'batch': B, 'path': name,
                          'first call s': first, 'tokens/s': f"{B * steps[-1]:,.1f}",
                          'same tokens': all(torch.equal(o, outs[0]) for o in outs)})
         model.clear_caches()
     bw = max(readings)
-    print(f"{kind if kind != 'none' else dtype} weights: {weight_bytes / 1e6:,.1f} MB read per decode step; read "
-          f"bandwidth {bw / 1e9:,.1f} GB/s (best of {len(readings)}, measured between the runs: "
-          f"{', '.join(f'{r / 1e9:.1f}' for r in readings)}); bound {bw / weight_bytes:,.1f} steps/s")
-    for r, s in zip(rows, steps):
-        frac = s / (bw / weight_bytes)
+    kv = ', '.join(f'{(b - weight_bytes) / 1e6:,.3f}' for b in sorted(set(step_bytes)) if b > weight_bytes)
+    print(f"{kind if kind != 'none' else dtype} weights: {weight_bytes / 1e6:,.1f} MB read per decode step, the KV "
+          f"cache {kv or 0} MB more (by batch); read bandwidth {bw / 1e9:,.1f} GB/s (best of {len(readings)}, measured "
+          f"between the runs: {', '.join(f'{r / 1e9:.1f}' for r in readings)})")
+    for r, s, b in zip(rows, steps, step_bytes):
+        r['bound tok/s'] = f"{r['batch'] * bw / b:,.1f}"
+        frac = s / (bw / b)
         r['of bound'] = f"{frac:.0%}" + (" (above the bound: the bandwidth reading is unreliable)" if frac > 1 else '')
     return rows
 

@@ -55,6 +55,9 @@ def test_sample_paths_give_the_same_tokens():
     mb = {w: float(m) for w, m in re.findall(r'(\w+) weights: ([\d.]+) MB read per decode step', p.stdout)}
     assert set(mb) == {'float32', 'int8'} and mb['int8'] < 0.4 * mb['float32'], mb
     assert 'best of 5, measured between the runs' in p.stdout
+    # keys and values: 2 x 2 layers x batch x 32 wide x 4 bytes, at the timed steps' mean span (4 + (10 + 40) / 2)
+    assert p.stdout.count('the KV cache 0.015, 0.030 MB more (by batch)') == 2, p.stdout
+    assert all(number(r['bound tok/s']) > 0 for r in rows)
 
 
 def test_data_pool_writes_the_same_bins(tiktoken_offline):
